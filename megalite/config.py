@@ -1,0 +1,258 @@
+"""Typed run configuration: dataclasses loaded from YAML, with `section.key=value` overrides.
+
+Every field has a default so a YAML file only states what differs. Unknown keys and ill-typed
+values raise `ConfigError` (one line, naming the key and file) so a typo never silently falls back
+to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the CLI prints it as one line, without a traceback."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int | None = None  # None: multi-head attention (kv heads = heads)
+    ffn_hidden_size: int | None = None  # None: Llama's rule, 8/3 * hidden rounded up to ffn_multiple_of
+    ffn_multiple_of: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | llama3
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    qk_norm: bool = False
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    init_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    attention_backend: str = "auto"  # auto | flash | sdpa
+    # Layer-spec switches: which implementation each op uses (see megalite/model/spec.py).
+    norm_impl: str = "torch"  # torch | triton | te
+    mlp_impl: str = "torch"  # torch | triton | te
+    linear_impl: str = "torch"  # torch | te
+    loss_impl: str = "torch"  # torch | triton | fused_linear
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        hidden = int(2 * (4 * self.hidden_size) / 3)
+        m = self.ffn_multiple_of
+        return m * ((hidden + m - 1) // m)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B when > 1)
+    sp: bool = False  # sequence parallelism inside the TP group
+    cp: int = 1  # context parallelism; only 1 is supported for now
+    pipeline_schedule: str = "1f1b"  # afab | 1f1b | interleaved
+    pp_layer_split: list[int] | None = None  # layers per stage (per virtual stage with vpp); None: even
+    distributed_optimizer: bool = False  # ZeRO-1: shard fp32 master weights and Adam state over DP
+    bucket_size_mb: float = 25.0
+    overlap_grad_reduce: bool = True
+    recompute: str = "none"  # none | selective | full
+    recompute_every: int = 1  # with `full`: recompute every k-th layer
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    decay: str = "cosine"  # cosine | wsd | linear | constant
+    wsd_decay_fraction: float = 0.2  # WSD: the last fraction of steps decays linearly to min_lr
+    clip_grad: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class DataConfig:
+    # A shard prefix (P_text_document), a list of them, or a blend {prefix: weight}. Empty: the
+    # embedded default corpus (the Python standard library), built into `cache_dir` on first use.
+    path: Any = ""
+    tokenizer_type: str = "byte"  # byte | sentencepiece | hf | tiktoken
+    tokenizer_model: str = ""
+    split: str = "969,30,1"  # train, valid, test weights, split by document
+    cache_dir: str = ".cache/megalite"
+    reset_at_eod: bool = True  # document masking: positions restart and attention stops at EOD
+    eod_mask_loss: bool = False
+    curriculum: list[Any] | None = None  # [{step: N, blend: {prefix: weight}}, ...]
+    num_workers: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 0  # 0: only at the end and on SIGTERM
+    dir: str = ""  # default: <run_dir>/checkpoints
+    load: str = "auto"  # auto: resume from <dir>/latest when present; a path; or "" for a fresh start
+    keep_last: int = 3
+    keep_pow2: bool = True  # additionally keep every 2^n-th step
+    async_save: bool = False
+    save_on_exit: bool = True
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 4096
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    train_steps: int = 1000
+    seed: int = 1234
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 | fp8
+    fp8_recipe: str = "delayed"  # delayed | current | mxfp8
+    loss_scale: float = 0.0  # fp16: 0 means dynamic loss scaling
+    device: str = "auto"  # auto | cpu | cuda
+    run_dir: str = "runs/default"
+    log_interval: int = 1
+    eval_interval: int = 0  # 0 disables periodic eval
+    eval_steps: int = 4
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Checks `value` against the annotation `tp`, converting the YAML-natural cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}' in {source}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{path}' in {source} must be a mapping")
+            _apply(current, value, f"{path}.", source)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"'{path}' in {source}"))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            raise ConfigError(f"cannot parse YAML in {p}{where}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        _apply(cfg, data, "", str(p))
+    for text in overrides:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _apply(cfg, nested, "", "command-line overrides")
+    return cfg

@@ -1,0 +1,88 @@
+"""Thin wrappers over the collectives we use, so that every byte moved can be counted.
+
+`CommCounter` is how benchmarks/comm_volume.py audits traffic against the analytical model: each
+wrapper reports (op, group size, payload bytes) to the active counter, if any.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+_counter: CommCounter | None = None
+
+
+class CommCounter:
+    def __init__(self) -> None:
+        self.bytes: dict[str, int] = defaultdict(int)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def add(self, op: str, nbytes: int) -> None:
+        self.bytes[op] += nbytes
+        self.calls[op] += 1
+
+
+@contextlib.contextmanager
+def count_comm() -> Iterator[CommCounter]:
+    global _counter
+    prev, _counter = _counter, CommCounter()
+    try:
+        yield _counter
+    finally:
+        _counter = prev
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    if group is None or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def _record(op: str, t: torch.Tensor) -> None:
+    if _counter is not None:
+        _counter.add(op, t.numel() * t.element_size())
+
+
+def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, op=dist.ReduceOp.SUM,
+               async_op: bool = False):
+    if group_size(group) == 1:
+        return None
+    _record("all_reduce", t)
+    return dist.all_reduce(t, op=op, group=group, async_op=async_op)
+
+
+def all_gather_dim0(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Concatenates every rank's `t` along dim 0 (one contiguous collective, no list of tensors)."""
+    n = group_size(group)
+    if n == 1:
+        return t
+    t = t.contiguous()
+    out = torch.empty((n * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+    _record("all_gather", out)
+    dist.all_gather_single(out, t, group=group)
+    return out
+
+
+def reduce_scatter_dim0(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sums `t` over the group and returns this rank's 1/n slice along dim 0."""
+    n = group_size(group)
+    if n == 1:
+        return t
+    if t.shape[0] % n != 0:
+        raise ValueError(f"reduce_scatter: dim 0 ({t.shape[0]}) is not divisible by the group size {n}")
+    t = t.contiguous()
+    out = torch.empty((t.shape[0] // n, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    _record("reduce_scatter", t)
+    dist.reduce_scatter_single(out, t, group=group)
+    return out
+
+
+def broadcast(t: torch.Tensor, src: int, group: dist.ProcessGroup | None) -> None:
+    if group_size(group) == 1:
+        return
+    _record("broadcast", t)
+    dist.broadcast(t, src=src, group=group)
