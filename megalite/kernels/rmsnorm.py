@@ -1,0 +1,193 @@
+"""RMSNorm in Triton: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps), optionally on h = x + residual.
+
+Forward: one program per row, statistics in fp32, rstd saved (one float per row) for backward.
+Rows up to MAX_FUSED_BLOCK wide live in registers; wider rows (up to 64k and beyond) take two passes
+over column blocks instead of one giant block, which is what makes very wide rows collapse elsewhere
+(register spills at 64k).
+
+Backward: a fixed number of persistent programs each walk a strided set of rows, accumulate their
+share of dW in fp32 (in registers for narrow rows, in their own row of a [programs, hidden] buffer
+for wide ones), and torch sums that buffer at the end: a two-stage reduction without atomics. Using
+few programs for few rows keeps the launch small, so small shapes do not pay a fixed floor.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from megalite.kernels._common import (
+    MAX_FUSED_BLOCK,
+    as_rows,
+    check_device,
+    check_float,
+    num_programs,
+    row_block,
+    warps_for,
+)
+
+
+@triton.jit
+def _rms_fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, n_cols, eps,
+                    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    r_row = R + row * stride_r
+    y_row = Y + row * stride_y
+    h_row = H + row * stride_h
+    if SINGLE:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_row + cols, mask=mask, other=0.0)
+        if HAS_RES:
+            # Round h to its storage dtype first, so the norm sees exactly the h we return.
+            x = (x.to(tl.float32) + tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32))
+            x = x.to(H.dtype.element_ty)
+            tl.store(h_row + cols, x, mask=mask)
+        x = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_row + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            x = tl.load(x_row + cols, mask=mask, other=0.0)
+            if HAS_RES:
+                x = (x.to(tl.float32) + tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32))
+                x = x.to(H.dtype.element_ty)
+                tl.store(h_row + cols, x, mask=mask)
+            x = x.to(tl.float32)
+            acc += x * x
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n_cols + eps)
+        src = h_row if HAS_RES else x_row
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            x = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_row + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _rms_bwd_kernel(DY, X, W, RSTD, DH, DX, DW_PART, stride_dy, stride_x, stride_dh, stride_dx,
+                    n_rows, n_cols, n_progs,
+                    HAS_DH: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+    pid = tl.program_id(0)
+    pid64 = pid.to(tl.int64)
+    dw_row = DW_PART + pid64 * n_cols
+    if SINGLE:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, tl.cdiv(n_rows - pid, n_progs)):
+            row64 = pid64 + i * n_progs
+            x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row64)
+            xhat = x * rstd
+            dxhat = dy * w
+            c = tl.sum(dxhat * xhat, axis=0) / n_cols
+            dx = (dxhat - xhat * c) * rstd
+            if HAS_DH:
+                dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dw_acc += dy * xhat
+        tl.store(dw_row + cols, dw_acc, mask=mask)
+    else:
+        # DW_PART is zero-filled by the caller; this program alone owns row `pid` of it.
+        for i in range(0, tl.cdiv(n_rows - pid, n_progs)):
+            row64 = pid64 + i * n_progs
+            rstd = tl.load(RSTD + row64)
+            c_acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < n_cols
+                x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                c_acc += dy * w * x
+            c = tl.sum(c_acc, axis=0) * rstd / n_cols
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < n_cols
+                x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                xhat = x * rstd
+                dx = (dy * w - xhat * c) * rstd
+                if HAS_DH:
+                    dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                dw = tl.load(dw_row + cols, mask=mask, other=0.0)
+                tl.store(dw_row + cols, dw + dy * xhat, mask=mask)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
+    check_float(x, "rms_norm: x")
+    check_float(weight, "rms_norm: weight")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"rms_norm: residual {tuple(residual.shape)}/{residual.dtype} must match "
+                         f"x {tuple(x.shape)}/{x.dtype}")
+    check_device(x, weight)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float):
+        shape = x.shape
+        x2 = as_rows(x, "rms_norm: x")
+        n_rows, n_cols = x2.shape
+        has_res = residual is not None
+        r2 = as_rows(residual, "rms_norm: residual") if has_res else x2
+        w = weight.contiguous()
+        y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+        h = torch.empty_like(y) if has_res else y
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        block = row_block(n_cols)
+        if n_rows > 0:
+            _rms_fwd_kernel[(n_rows,)](
+                x2, r2, w, y, h, rstd, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0),
+                n_cols, eps, HAS_RES=has_res, BLOCK=block, SINGLE=n_cols <= MAX_FUSED_BLOCK,
+                num_warps=warps_for(block))
+        ctx.save_for_backward(h if has_res else x2, w, rstd)
+        ctx.has_res = has_res
+        ctx.shape = shape
+        if has_res:
+            return y.view(shape), h.view(shape)
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, dh: torch.Tensor | None = None):
+        x2, w, rstd = ctx.saved_tensors
+        n_rows, n_cols = x2.shape
+        dy2 = as_rows(dy, "rms_norm: grad")
+        has_dh = ctx.has_res and dh is not None
+        dh2 = as_rows(dh, "rms_norm: grad") if has_dh else dy2
+        dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+        progs = num_programs(x2.device, n_rows)
+        single = n_cols <= MAX_FUSED_BLOCK
+        alloc = torch.empty if single else torch.zeros
+        dw_part = alloc((progs, n_cols), dtype=torch.float32, device=x2.device)
+        block = row_block(n_cols)
+        if n_rows > 0:
+            _rms_bwd_kernel[(progs,)](
+                dy2, x2, w, rstd, dh2, dx, dw_part, dy2.stride(0), x2.stride(0), dh2.stride(0),
+                dx.stride(0), n_rows, n_cols, progs, HAS_DH=has_dh, BLOCK=block, SINGLE=single,
+                num_warps=warps_for(block))
+        dw = dw_part.sum(0).to(w.dtype) if ctx.needs_input_grad[1] else None
+        dx = dx.view(ctx.shape)
+        return dx, dw, (dx if ctx.has_res else None), None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
+             residual: torch.Tensor | None = None):
+    """RMSNorm over the last dim. With `residual`, returns (norm(x + residual), x + residual)."""
+    _check(x, weight, residual)
+    return _RMSNormFn.apply(x, weight, residual, float(eps))
