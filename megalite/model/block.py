@@ -1,0 +1,40 @@
+"""One pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megalite.config import ModelConfig
+from megalite.model.attention import Attention
+from megalite.model.mlp import SwiGLUMLP
+from megalite.model.norm import RMSNorm
+from megalite.parallel.rng import RNGTracker
+from megalite.parallel.state import ParallelState
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, rng: RNGTracker | None, device=None) -> None:
+        super().__init__()
+        self.cfg, self.ps, self.rng = cfg, ps, rng
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_impl, partial_grad=ps.sp, device=device)
+        self.attn = Attention(cfg, ps, rng, device=device)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_impl, partial_grad=ps.sp, device=device)
+        self.mlp = SwiGLUMLP(cfg, ps, device=device)
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.cfg.hidden_dropout
+        if p == 0.0 or not self.training:
+            return x
+        # Under SP each rank holds different tokens, so masks must differ; otherwise they must match.
+        ctx = self.rng.fork() if (self.ps.sp and self.rng is not None) else contextlib.nullcontext()
+        with ctx:
+            return F.dropout(x, p, training=True)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self._dropout(self.attn(self.attn_norm(x), cos, sin, doc_ids))
+        return x + self._dropout(self.mlp(self.mlp_norm(x)))

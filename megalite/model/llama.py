@@ -1,0 +1,113 @@
+"""The Llama-family decoder: embedding -> N pre-norm layers -> norm -> vocab-parallel head.
+
+A pipeline stage builds only its part: `layer_ids` (global layer numbers, kept in parameter names
+so checkpoints are layout-independent), the embedding on the first stage (`pre_process`) and the
+norm/head/loss on the last (`post_process`). Activations are [seq, batch, hidden]; under SP the
+sequence dim is sharded over TP between the TP regions.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megalite.config import ModelConfig
+from megalite.model.block import DecoderLayer
+from megalite.model.norm import RMSNorm
+from megalite.model.rope import inv_frequencies, rope_cos_sin
+from megalite.model.spec import loss_fn
+from megalite.parallel.layers import VocabParallelEmbedding, padded_vocab_size
+from megalite.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp
+from megalite.parallel.rng import RNGTracker
+from megalite.parallel.sharding import TPShard, get_tp_shard, set_tp_shard, split_for_rank
+from megalite.parallel.state import ParallelState
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, rng: RNGTracker | None = None, *,
+                 layer_ids: list[int] | None = None, pre_process: bool = True, post_process: bool = True,
+                 device=None) -> None:
+        super().__init__()
+        self.cfg, self.ps = cfg, ps
+        self.pre_process, self.post_process = pre_process, post_process
+        self.layer_ids = list(range(cfg.num_layers)) if layer_ids is None else list(layer_ids)
+        self.vocab_padded = padded_vocab_size(cfg.vocab_size, ps.tp, cfg.make_vocab_size_divisible_by)
+        self.local_vocab = self.vocab_padded // ps.tp
+        self.vocab_start = ps.tp_rank * self.local_vocab
+        if pre_process:
+            self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ps,
+                                                    cfg.make_vocab_size_divisible_by, device=device)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, ps, rng, device=device) for i in self.layer_ids})
+        if post_process:
+            self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_impl, partial_grad=ps.sp,
+                                      device=device)
+            if not cfg.tie_embeddings or not pre_process:
+                # With tied embeddings split over a pipeline, the last stage keeps its own copy,
+                # initialized from the same key and kept in sync by an all-reduce of the grads.
+                self.head = nn.Parameter(torch.empty(self.local_vocab, cfg.hidden_size, device=device))
+                self.head.init = "normal"  # type: ignore[attr-defined]
+                self.head.sync_tp_grad = False  # type: ignore[attr-defined]
+                self.head.tied_to = "embedding.weight" if cfg.tie_embeddings else None  # type: ignore[attr-defined]
+                set_tp_shard(self.head, TPShard(0, (self.vocab_padded,), logical=cfg.vocab_size))
+            self.loss = loss_fn(cfg.loss_impl)
+        self.register_buffer("inv_freq", inv_frequencies(cfg).to(device), persistent=False)
+
+    # ------------------------------------------------------------------------------------------
+    def head_weight(self) -> torch.Tensor:
+        return self.head if hasattr(self, "head") else self.embedding.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Fills every parameter from its global tensor, seeded by (seed, global name): the same
+        model for any TP/PP layout. Output projections get std / sqrt(2 * num_layers)."""
+        std = self.cfg.init_std
+        scaled = std / math.sqrt(2.0 * self.cfg.num_layers)
+        for name, p in self.named_parameters():
+            kind = getattr(p, "init", "normal")
+            if kind in ("ones", "zeros"):
+                p.fill_(1.0 if kind == "ones" else 0.0)
+                continue
+            key = getattr(p, "tied_to", None) or name
+            shard = get_tp_shard(p)
+            shape = list(p.shape)
+            if shard is not None:
+                shape[shard.dim] = shard.logical or shard.global_size
+            gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+            full = torch.empty(shape, device=p.device, dtype=torch.float32)
+            full.normal_(0.0, scaled if kind == "scaled" else std, generator=gen)
+            p.copy_(split_for_rank(full, shard, self.ps.tp_rank, self.ps.tp) if shard is not None else full)
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """First stage: tokens [b, s]; other stages: hidden [s(/tp), b, h] from the previous stage.
+        Returns hidden for the next stage, per-token losses [b, s] when `labels` are given, or
+        vocab-parallel logits [b, s, V/tp] otherwise."""
+        x = self.embedding(tokens) if self.pre_process else hidden
+        s = x.shape[0] * (self.ps.tp if self.ps.sp else 1)
+        b = x.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(s, device=x.device).unsqueeze(0).expand(b, s)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype if x.is_floating_point() else torch.float32)
+        for layer in self.layers.values():
+            x = layer(x, cos, sin, doc_ids)
+        if not self.post_process:
+            return x
+        x = self.final_norm(x)
+        g = self.ps.tp_group
+        x = gather_from_sequence(x, g) if self.ps.sp else copy_to_tp(x, g)
+        if labels is not None:
+            loss = self.loss(x, self.head_weight(), labels.t(), vocab_start=self.vocab_start,
+                             vocab_size=self.cfg.vocab_size, group=g)
+            return loss.t()
+        return F.linear(x, self.head_weight()).transpose(0, 1)
+
+    def full_logits(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
+        """Logits over the real vocabulary, gathered over TP (for generation and tests)."""
+        local = self.forward(tokens, **kw)
+        return gather_from_tp(local, self.ps.tp_group)[..., : self.cfg.vocab_size]

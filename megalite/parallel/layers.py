@@ -1,0 +1,129 @@
+"""Tensor-parallel layers (Megatron's column/row split) and the vocab-parallel embedding.
+
+Weights are created empty; the model's `init_weights` fills every parameter from its global (TP=1)
+tensor through `sharding.split_for_rank`, so any TP layout starts from the same model.
+Grad-sync attributes set here tell the training loop what to do after backward:
+  * `sync_tp_grad`: the gradient is partial on each TP rank and must be summed over TP
+    (replicated weights that only see a sequence shard under SP). A (start, end) pair limits
+    this to those dim-0 rows (replicated kv heads inside a fused qkv weight);
+  * `init`: how the global tensor is initialized (normal | scaled | ones | zeros).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megalite.parallel.mappings import (
+    copy_to_tp,
+    gather_from_sequence,
+    gather_from_tp,
+    reduce_from_tp,
+    reduce_scatter_to_sequence,
+    scatter_to_tp,
+)
+from megalite.parallel.sharding import TPShard, set_tp_shard
+from megalite.parallel.state import ParallelState
+
+
+def _param(*shape: int, device=None, dtype=None, init: str = "normal",
+           sync_tp_grad: bool | tuple[int, int] = False) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(*shape, device=device, dtype=dtype))
+    p.init = init  # type: ignore[attr-defined]
+    p.sync_tp_grad = sync_tp_grad  # type: ignore[attr-defined]
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x A^T with A split by output rows. `out_blocks` lists fused outputs (e.g. gate, up),
+    each split separately so that rank r holds its slice of every block. Blocks flagged in
+    `replicated` are held whole by every rank; their grads are partial and summed over TP."""
+
+    def __init__(self, in_features: int, out_blocks: int | tuple[int, ...], ps: ParallelState, *,
+                 bias: bool = False, gather_output: bool = False, init: str = "normal",
+                 replicated: tuple[bool, ...] | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        blocks = (out_blocks,) if isinstance(out_blocks, int) else tuple(out_blocks)
+        shard = TPShard(0, blocks, replicated=replicated if ps.tp > 1 else None)
+        if any(b % ps.tp for i, b in enumerate(blocks) if not shard.is_replicated(i)):
+            raise ValueError(f"output sizes {blocks} are not divisible by tp={ps.tp}")
+        if gather_output and len(blocks) > 1:
+            raise ValueError("gather_output needs a single output block")
+        self.ps, self.gather_output, self.blocks = ps, gather_output, blocks
+        local = shard.local_blocks(ps.tp)
+        sync: bool | tuple[int, int] = False
+        if shard.replicated and any(shard.replicated):
+            first = next(i for i in range(len(blocks)) if shard.is_replicated(i))
+            if not all(shard.is_replicated(i) for i in range(first, len(blocks))):
+                raise ValueError("replicated blocks must come last")
+            sync = (sum(local[:first]), sum(local))
+        self.weight = _param(sum(local), in_features, device=device, dtype=dtype, init=init, sync_tp_grad=sync)
+        set_tp_shard(self.weight, shard)
+        self.bias = None
+        if bias:
+            self.bias = _param(sum(local), device=device, dtype=dtype, init="zeros", sync_tp_grad=sync)
+            set_tp_shard(self.bias, shard)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.ps.tp_group
+        x = gather_from_sequence(x, g) if self.ps.sp else copy_to_tp(x, g)
+        y = F.linear(x, self.weight, self.bias)
+        return gather_from_tp(y, g) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x A^T with A split by input columns; the partial sums are reduced over TP
+    (reduce-scattered along the sequence under SP)."""
+
+    def __init__(self, in_features: int, out_features: int, ps: ParallelState, *, bias: bool = False,
+                 input_is_parallel: bool = True, init: str = "scaled", device=None, dtype=None) -> None:
+        super().__init__()
+        if in_features % ps.tp:
+            raise ValueError(f"input size {in_features} is not divisible by tp={ps.tp}")
+        self.ps, self.input_is_parallel = ps, input_is_parallel
+        self.weight = _param(out_features, in_features // ps.tp, device=device, dtype=dtype, init=init)
+        set_tp_shard(self.weight, TPShard(1, (in_features,)))
+        self.bias = None
+        if bias:
+            self.bias = _param(out_features, device=device, dtype=dtype, init="zeros", sync_tp_grad=ps.sp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.ps.tp_group
+        if not self.input_is_parallel:
+            x = scatter_to_tp(x, g)
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_to_sequence(y, g) if self.ps.sp else reduce_from_tp(y, g)
+        return y + self.bias if self.bias is not None else y
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    m = divisible_by * tp
+    return ((vocab_size + m - 1) // m) * m
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each TP rank holds a contiguous slice of a vocabulary padded to a multiple of tp*128.
+    Ids outside the slice embed to zero here and are filled in by the TP reduction."""
+
+    def __init__(self, vocab_size: int, hidden: int, ps: ParallelState, divisible_by: int = 128,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.ps, self.vocab_size = ps, vocab_size
+        self.padded_vocab = padded_vocab_size(vocab_size, ps.tp, divisible_by)
+        self.local_vocab = self.padded_vocab // ps.tp
+        self.vocab_start = ps.tp_rank * self.local_vocab
+        self.weight = _param(self.local_vocab, hidden, device=device, dtype=dtype, init="normal")
+        set_tp_shard(self.weight, TPShard(0, (self.padded_vocab,), logical=vocab_size))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [batch, seq] -> embeddings [seq, batch, hidden] (sequence-sharded under SP)."""
+        ids = ids.t()
+        if self.ps.tp == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.local_vocab)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        g = self.ps.tp_group
+        return reduce_scatter_to_sequence(out, g) if self.ps.sp else reduce_from_tp(out, g)
