@@ -1,14 +1,10 @@
 """Fused kernels (Triton) with torch references, and the Transformer Engine glue for FP8.
 
-The Triton-backed names are imported on first use, so `import megalite.kernels` (and the torch
-references) work where Triton is unavailable; the kernels themselves need a GPU, or
-TRITON_INTERPRET=1 on a CPU.
+The Triton kernels need a GPU, or TRITON_INTERPRET=1 on a CPU. Where Triton itself is missing, the
+torch references still import and the kernel names raise one clear line when called.
 """
 
 from __future__ import annotations
-
-import importlib
-from typing import Any
 
 from megalite.kernels.reference import (
     cross_entropy_ref,
@@ -17,14 +13,19 @@ from megalite.kernels.reference import (
     swiglu_ref,
 )
 
-_LAZY = {
-    "rms_norm": "megalite.kernels.rmsnorm",
-    "swiglu": "megalite.kernels.swiglu",
-    "swiglu_linear": "megalite.kernels.swiglu",
-    "cross_entropy": "megalite.kernels.cross_entropy",
-    "fused_linear_cross_entropy": "megalite.kernels.fused_linear_ce",
-    "fused_linear_logprobs": "megalite.kernels.fused_linear_ce",
-}
+try:
+    from megalite.kernels.cross_entropy import cross_entropy
+    from megalite.kernels.fused_linear_ce import fused_linear_cross_entropy, fused_linear_logprobs
+    from megalite.kernels.rmsnorm import rms_norm
+    from megalite.kernels.swiglu import swiglu, swiglu_linear
+except ImportError as _e:  # no Triton on this machine
+    _why = f"megalite.kernels needs Triton ({_e}); use the torch implementations (impl='torch')"
+
+    def _missing(*_a, **_k):
+        raise RuntimeError(_why)
+
+    cross_entropy = fused_linear_cross_entropy = fused_linear_logprobs = _missing
+    rms_norm = swiglu = swiglu_linear = _missing
 
 __all__ = [
     "cross_entropy",
@@ -38,9 +39,3 @@ __all__ = [
     "swiglu_linear",
     "swiglu_ref",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'megalite.kernels' has no attribute {name!r}")
