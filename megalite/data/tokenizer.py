@@ -1,8 +1,26 @@
-"""One tokenizer interface over several backends. The byte tokenizer needs no model file."""
+"""One tokenizer interface over several backends: byte, SentencePiece, HF `tokenizer.json`, tiktoken.
+
+Every tokenizer exposes `vocab_size`, the special ids `bos`, `eos`, `pad`, `eod` (the separator
+appended after each document; eos unless the model says otherwise) and `chat_tokens`, the ids of
+the chat-template markers the model knows (`<|im_start|>`, `<|im_end|>`, Llama-3's header tokens...).
+`encode_batch` is the hot path of preprocessing: backends with a native batch call use it.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import numpy as np
+
 from megalite.config import ConfigError
+
+# Chat markers looked up in every vocabulary; the byte tokenizer and our trainers add the first two.
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+               "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
+BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>")
+EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "<|eot_id|>")
+PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
 
 
 class Tokenizer:
@@ -11,6 +29,8 @@ class Tokenizer:
     bos: int
     eos: int
     pad: int
+    chat_tokens: dict[str, int]
+    name: str = "tokenizer"
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -18,23 +38,207 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def encode_batch_flat(self, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' ids concatenated as `dtype`, plus per-text lengths: what shard writers take."""
+        ids = self.encode_batch(texts)
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter((t for x in ids for t in x), dtype=dtype, count=int(lengths.sum()))
+        return flat, lengths
+
+    def token_id(self, piece: str) -> int | None:
+        """The id of a special piece, or None when the vocabulary lacks it."""
+        return None
+
+    def _find_specials(self) -> None:
+        self.chat_tokens = {p: i for p in CHAT_TOKENS if (i := self.token_id(p)) is not None}
+
 
 class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes plus four special ids; useful for tests and the zero-setup demo."""
+    """UTF-8 bytes plus special ids; no model file, useful for tests and the zero-setup demo."""
+
+    name = "byte"
 
     def __init__(self) -> None:
         self.bos, self.eos, self.pad = 256, 257, 258
         self.eod = self.eos
-        self.vocab_size = 259
+        self.chat_tokens = {"<|im_start|>": 259, "<|im_end|>": 260}
+        self.vocab_size = 261
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_batch_flat(self, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        raw = [t.encode("utf-8") for t in texts]
+        lengths = np.fromiter((len(b) for b in raw), dtype=np.int64, count=len(raw))
+        return np.frombuffer(b"".join(raw), np.uint8).astype(dtype), lengths
+
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
+    def token_id(self, piece: str) -> int | None:
+        return {"<s>": 256, "</s>": 257, "<pad>": 258, **self.chat_tokens}.get(piece)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece `.model` (Llama-2 style): bos/eos/pad from the model, eod = eos."""
+
+    name = "sentencepiece"
+
+    def __init__(self, model: str) -> None:
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_file=model)
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos, self.eos = self.sp.bos_id(), self.sp.eos_id()
+        pad = self.sp.pad_id()
+        # Llama-2 has no pad; fall back to eos (a masked position never contributes to the loss).
+        self.pad = pad if pad >= 0 else self.eos
+        self.eod = self.eos
+        self._find_specials()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=1)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def token_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        return i if i != self.sp.unk_id() and self.sp.id_to_piece(i) == piece else None
+
+
+class HFTokenizer(Tokenizer):
+    """A HF `tokenizer.json` (the tokenizers library); a directory holding one works too."""
+
+    name = "hf"
+
+    def __init__(self, model: str) -> None:
+        from tokenizers import Tokenizer as _HF
+
+        path = Path(model)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        self.tok = _HF.from_file(str(path))
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.bos = self._first(BOS_NAMES)
+        self.eos = self._first(EOS_NAMES)
+        if self.eos < 0:
+            raise ConfigError(f"{model}: no end-of-text token among {', '.join(EOS_NAMES)}")
+        self.bos = self.bos if self.bos >= 0 else self.eos
+        pad = self._first(PAD_NAMES)
+        self.pad = pad if pad >= 0 else self.eos
+        # Llama-3 ends turns with <|eot_id|> but documents with <|end_of_text|>.
+        eot = self.token_id("<|end_of_text|>")
+        self.eod = eot if eot is not None else self.eos
+        self._find_specials()
+
+    def _first(self, names: tuple[str, ...]) -> int:
+        for n in names:
+            i = self.token_id(n)
+            if i is not None:
+                return i
+        return -1
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_id(self, piece: str) -> int | None:
+        return self.tok.token_to_id(piece)
+
+
+# cl100k's pre-tokenization pattern, used for local `.tiktoken` rank files that carry no pattern.
+_TIKTOKEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"""
+                     r"""[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+class TikTokenizer(Tokenizer):
+    """A tiktoken encoding: a registered name (e.g. cl100k_base, when cached locally) or a local
+    `.tiktoken` rank file, to which <|endoftext|> and the chat markers are appended as specials."""
+
+    name = "tiktoken"
+
+    def __init__(self, model: str) -> None:
+        import tiktoken
+
+        if os.path.isfile(model):
+            from tiktoken.load import load_tiktoken_bpe
+
+            ranks = load_tiktoken_bpe(model)
+            specials = {p: len(ranks) + i for i, p in enumerate(("<|endoftext|>", "<|pad|>", *CHAT_TOKENS[:2]))}
+            self.enc = tiktoken.Encoding(name=Path(model).stem, pat_str=_TIKTOKEN_PATTERN,
+                                         mergeable_ranks=ranks, special_tokens=specials)
+        else:
+            try:
+                self.enc = tiktoken.get_encoding(model or "cl100k_base")
+            except Exception as e:  # noqa: BLE001 - tiktoken raises bare errors when offline
+                raise ConfigError(f"tiktoken encoding '{model}' is not available offline: {e}") from None
+        self.vocab_size = self.enc.n_vocab
+        specials = self.enc._special_tokens
+        self.eos = specials.get("<|endoftext|>", specials.get("<|end_of_text|>", self.vocab_size - 1))
+        self.bos = specials.get("<|begin_of_text|>", self.eos)
+        self.pad = specials.get("<|pad|>", self.eos)
+        self.eod = self.eos
+        self._find_specials()
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts, num_threads=1)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode([int(i) for i in ids])
+
+    def token_id(self, piece: str) -> int | None:
+        return self.enc._special_tokens.get(piece)
+
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str = "") -> Tokenizer:
-    if tokenizer_type == "byte":
+    """`byte`, `sentencepiece`, `hf` or `tiktoken` (Megatron's type names are accepted too)."""
+    kind = {"sentencepiecetokenizer": "sentencepiece", "llama2tokenizer": "sentencepiece", "spm": "sentencepiece",
+            "huggingfacetokenizer": "hf", "huggingface": "hf", "tiktokenizer": "tiktoken"
+            }.get(tokenizer_type.lower(), tokenizer_type.lower())
+    if kind == "byte":
         return ByteTokenizer()
-    raise ConfigError(f"unknown data.tokenizer_type '{tokenizer_type}'")
+    if kind not in ("sentencepiece", "hf", "tiktoken"):
+        raise ConfigError(f"unknown data.tokenizer_type '{tokenizer_type}' (byte | sentencepiece | hf | tiktoken)")
+    if kind != "tiktoken" or tokenizer_model.endswith(".tiktoken"):
+        if not tokenizer_model:
+            raise ConfigError(f"data.tokenizer_model is required for tokenizer_type '{tokenizer_type}'")
+        if not os.path.exists(tokenizer_model):
+            raise ConfigError(f"tokenizer model not found: {tokenizer_model}")
+    try:
+        if kind == "sentencepiece":
+            return SentencePieceTokenizer(tokenizer_model)
+        if kind == "hf":
+            return HFTokenizer(tokenizer_model)
+        return TikTokenizer(tokenizer_model)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - each backend raises its own types for a bad file
+        raise ConfigError(f"cannot load {kind} tokenizer from {tokenizer_model}: {str(e).splitlines()[0]}") from None
+
+
+def tokenizer_key(tokenizer_type: str, tokenizer_model: str = "") -> str:
+    """A short stable id for caches keyed by tokenizer: the type plus the model file's content hash."""
+    import hashlib
+
+    h = hashlib.sha256(tokenizer_type.encode())
+    if tokenizer_model and os.path.isfile(tokenizer_model):
+        with open(tokenizer_model, "rb") as f:
+            h.update(f.read())
+    else:
+        h.update(tokenizer_model.encode())
+    return f"{tokenizer_type}-{h.hexdigest()[:12]}"
