@@ -1,0 +1,242 @@
+"""Raw text to packed token shards: the engine behind tools/preprocess_data.py.
+
+The main process reads the input in ~1 MiB chunks of whole lines and hands them to worker
+processes, which parse the JSON, tokenize each chunk with the backend's batch call and send back
+one flat token array and the document lengths per key. The main process appends those to the C++
+shard writers in input order. Nothing grows with the corpus: not the reader, not the queue (the
+pool's ordered imap keeps a bounded window), not the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from megalite.data.indexed import IndexedDatasetWriter, best_dtype, merge_shards
+from megalite.data.readers import Chunk, read_chunks
+from megalite.data.tokenizer import Tokenizer, build_tokenizer
+
+
+class MalformedInput(ValueError):
+    """A record that cannot be used; raised only in --strict mode."""
+
+
+@dataclass
+class Encoded:
+    tokens: dict[str, np.ndarray]
+    lengths: dict[str, np.ndarray]
+    docs: int
+    malformed: list[tuple[str, int, str]]  # (file, line, reason)
+    tag: int = 0  # the chunk's tag (its output partition)
+
+
+@dataclass
+class Stats:
+    docs: int = 0
+    tokens: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        tok = sum(self.tokens.values())
+        rate = f"{self.docs / self.seconds:,.0f} docs/s, {tok / self.seconds:,.0f} tokens/s" if self.seconds else ""
+        lines = [f"docs: {self.docs:,}  tokens: {tok:,}  skipped (malformed): {self.skipped:,}  "
+                 f"time: {self.seconds:.1f}s  {rate}"]
+        lines += [f"  {k}: {v:,} tokens" for k, v in self.tokens.items()]
+        lines += [f"  skipped e.g. {e}" for e in self.skipped_examples]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side: one tokenizer per process, built once by the pool initializer.
+
+_tok: Tokenizer | None = None
+_opts: dict = {}
+
+
+def _init_worker(tokenizer_type: str, tokenizer_model: str, keys: Sequence[str], append_eod: bool,
+                 dtype: str) -> None:
+    global _tok, _opts
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # parallelism comes from the pool
+    _tok = build_tokenizer(tokenizer_type, tokenizer_model)
+    _opts = {"keys": list(keys), "eod": append_eod, "dtype": np.dtype(dtype)}
+
+
+def encode_chunk(chunk: Chunk) -> Encoded:
+    assert _tok is not None, "worker not initialised"
+    keys, dtype = _opts["keys"], _opts["dtype"]
+    texts: dict[str, list[str]] = {k: [] for k in keys}
+    bad: list[tuple[str, int, str]] = []
+    if chunk.records is not None:
+        n = chunk.count
+        for i in range(n):
+            vals = [chunk.records[k][i] for k in keys]
+            wrong = next((k for k, v in zip(keys, vals) if not isinstance(v, str)), None)
+            if wrong is not None:
+                bad.append((chunk.source, chunk.first_line + i, f"column {wrong!r} is not a string"))
+                continue
+            for k, v in zip(keys, vals):
+                texts[k].append(v)
+    else:
+        assert chunk.lines is not None
+        for i, line in enumerate(chunk.lines.split(b"\n")):
+            if not line.strip():
+                continue  # blank lines (and the final newline) are not documents
+            try:
+                obj = json.loads(line)
+            except (ValueError, UnicodeDecodeError) as e:
+                bad.append((chunk.source, chunk.first_line + i, f"invalid JSON ({str(e).split(':')[0]})"))
+                continue
+            if not isinstance(obj, dict):
+                bad.append((chunk.source, chunk.first_line + i, "not a JSON object"))
+                continue
+            missing = next((k for k in keys if not isinstance(obj.get(k), str)), None)
+            if missing is not None:
+                why = "missing key" if missing not in obj else "non-string value for key"
+                bad.append((chunk.source, chunk.first_line + i, f"{why} {missing!r}"))
+                continue
+            for k in keys:
+                texts[k].append(obj[k])
+    tokens, lengths = {}, {}
+    for k in keys:
+        flat, lens = _tok.encode_batch_flat(texts[k], dtype)
+        if _opts["eod"] and len(lens):
+            flat = np.insert(flat, np.cumsum(lens), _tok.eod)
+            lens = lens + 1
+        tokens[k], lengths[k] = flat, lens
+    return Encoded(tokens, lengths, len(texts[keys[0]]), bad, chunk.tag)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main side.
+
+
+def _partitioned(chunks: Iterator[Chunk], partitions: int) -> Iterator[Chunk]:
+    """Tags chunks with a partition number: contiguous slices of the input by raw bytes."""
+    for c in chunks:
+        c.tag = min(partitions - 1, int(c.progress * partitions - 1e-9)) if partitions > 1 else 0
+        yield c
+
+
+def _bounded(chunks: Iterator[Chunk], slots: threading.Semaphore) -> Iterator[Chunk]:
+    """Pool.imap drains its input as fast as it can; this holds the reader to a window of chunks."""
+    for c in chunks:
+        slots.acquire()
+        yield c
+
+
+def _output_prefix(prefix: str, key: str) -> str:
+    return f"{prefix}_{key}_document"
+
+
+def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str, tokenizer_model: str = "",
+               json_keys: Sequence[str] = ("text",), append_eod: bool = False, workers: int = 1,
+               partitions: int = 1, strict: bool = False, progress: bool = True,
+               chunk_bytes: int = 1 << 20) -> Stats:
+    """Tokenizes `inputs` into `<output_prefix>_<key>_document.{bin,idx}`, one pair per JSON key."""
+    t0 = time.perf_counter()
+    tok = build_tokenizer(tokenizer_type, tokenizer_model)
+    dtype = best_dtype(tok.vocab_size)
+    keys = list(json_keys)
+    if not keys:
+        raise ValueError("--json-keys: at least one key is needed")
+    if partitions < 1:
+        raise ValueError("--partitions must be >= 1")
+    stats = Stats(tokens={k: 0 for k in keys})
+    chunks = _partitioned(read_chunks(inputs, keys, chunk_bytes=chunk_bytes), partitions)
+    init = (tokenizer_type, tokenizer_model, keys, append_eod, dtype.str)
+
+    def part_prefix(key: str, part: int) -> str:
+        base = _output_prefix(output_prefix, key)
+        return base if partitions == 1 else f"{base}.part{part:04d}-of-{partitions:04d}"
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(unit=" docs", unit_scale=True, dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+    writers: dict[str, IndexedDatasetWriter] = {}
+    done_parts: list[int] = []
+    current = -1
+    pool = None
+    slots = threading.Semaphore(4 * max(workers, 1))
+    try:
+        if workers > 0:
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=init)
+            results: Iterator[Encoded] = pool.imap(encode_chunk, _bounded(chunks, slots), 1)
+        else:
+            _init_worker(*init)
+            results = map(encode_chunk, chunks)
+
+        for enc in results:
+            if pool is not None:
+                slots.release()
+            part = enc.tag
+            if part != current:
+                for w in writers.values():
+                    w.finalize()
+                if current >= 0:
+                    done_parts.append(current)
+                writers = {k: IndexedDatasetWriter(part_prefix(k, part), dtype=dtype) for k in keys}
+                current = part
+            if enc.malformed:
+                if strict:
+                    f, line, why = enc.malformed[0]
+                    raise MalformedInput(f"{f}:{line}: {why}")
+                stats.skipped += len(enc.malformed)
+                for f, line, why in enc.malformed[: max(0, 5 - len(stats.skipped_examples))]:
+                    stats.skipped_examples.append(f"{f}:{line}: {why}")
+            for k in keys:
+                writers[k].add_documents(enc.tokens[k], enc.lengths[k])
+                stats.tokens[k] += len(enc.tokens[k])
+            stats.docs += enc.docs
+            if bar is not None:
+                bar.update(enc.docs)
+                el = max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{sum(stats.tokens.values()) / el:,.0f} tok/s, skipped {stats.skipped}",
+                                    refresh=False)
+        if not writers:  # an empty input still yields (empty) shards
+            writers = {k: IndexedDatasetWriter(part_prefix(k, 0), dtype=dtype) for k in keys}
+            current = 0
+        for w in writers.values():
+            w.finalize()
+        done_parts.append(current)
+        writers = {}
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        if pool is not None:
+            slots.release(1 << 16)  # unblock the reader thread so the pool can shut down
+            pool.terminate()
+            pool = None
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        if bar is not None:
+            bar.close()
+
+    for k in keys:
+        final = _output_prefix(output_prefix, k)
+        if partitions > 1:
+            parts = [part_prefix(k, p) for p in done_parts]
+            merge_shards(parts, final)
+            for p in parts:
+                for ext in (".bin", ".idx"):
+                    Path(p + ext).unlink(missing_ok=True)
+        stats.outputs.append(final)
+    stats.seconds = time.perf_counter() - t0
+    return stats
