@@ -1,0 +1,108 @@
+"""Train a tokenizer from JSONL (plain, .gz, .zst) or Parquet text.
+
+    python tools/train_tokenizer.py --input data.jsonl --type sentencepiece --vocab-size 32000 --output tok.model
+    python tools/train_tokenizer.py --input data.jsonl --type hf-bpe --vocab-size 50304 --output tokenizer.json
+
+`sentencepiece`: a BPE model set up as Llama-2's (byte fallback, digits split, identity
+normalization, unk/bos/eos = 0/1/2, no pad). `hf-bpe`: a byte-level BPE in a HF tokenizer.json with
+<|endoftext|> and <|pad|>. Both add the chat markers <|im_start|> and <|im_end|> as special tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import _common
+
+CHAT = ["<|im_start|>", "<|im_end|>"]
+
+
+def iter_texts(inputs: list[str], key: str, max_docs: int | None) -> Iterator[str]:
+    from megalite.data.readers import read_chunks
+
+    n = 0
+    for chunk in read_chunks(inputs, [key]):
+        if chunk.records is not None:
+            texts = [t for t in chunk.records[key] if isinstance(t, str)]
+        else:
+            texts = []
+            for line in (chunk.lines or b"").split(b"\n"):
+                try:
+                    obj = json.loads(line) if line.strip() else None
+                except ValueError:
+                    continue  # malformed lines are preprocess_data's business; training skips them
+                if isinstance(obj, dict) and isinstance(obj.get(key), str):
+                    texts.append(obj[key])
+        for t in texts:
+            if t:
+                yield t
+                n += 1
+                if max_docs is not None and n >= max_docs:
+                    return
+
+
+def train_sentencepiece(texts: Iterator[str], vocab_size: int, output: str, threads: int) -> None:
+    import sentencepiece as spm
+
+    out = Path(output)
+    with tempfile.TemporaryDirectory(dir=out.parent or ".") as tmp:
+        prefix = os.path.join(tmp, "spm")
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=texts, model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
+            byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False, normalization_rule_name="identity", add_dummy_prefix=True,
+            character_coverage=0.99995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            user_defined_symbols=CHAT, max_sentence_length=1 << 16, input_sentence_size=2_000_000,
+            shuffle_input_sentence=True, num_threads=threads, minloglevel=2)
+        os.replace(prefix + ".model", out)
+        os.replace(prefix + ".vocab", out.with_suffix(".vocab"))
+
+
+def train_hf_bpe(texts: Iterator[str], vocab_size: int, output: str) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2,
+                                  special_tokens=["<|endoftext|>", "<|pad|>", *CHAT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tmp = f"{output}.{os.getpid()}.tmp"
+    tok.save(tmp)
+    os.replace(tmp, output)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, nargs="+", help="JSONL (.gz/.zst) or Parquet files")
+    p.add_argument("--json-key", default="text")
+    p.add_argument("--type", choices=["sentencepiece", "hf-bpe"], default="sentencepiece")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--output", required=True, help="the .model (sentencepiece) or tokenizer.json (hf-bpe)")
+    p.add_argument("--max-docs", type=int, default=None, help="train on at most this many documents")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args()
+    if args.vocab_size < 300:
+        raise ValueError(f"--vocab-size {args.vocab_size} is too small (byte fallback alone needs 256 + specials)")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    texts = iter_texts(args.input, args.json_key, args.max_docs)
+    if args.type == "sentencepiece":
+        train_sentencepiece(texts, args.vocab_size, args.output, args.threads)
+    else:
+        train_hf_bpe(texts, args.vocab_size, args.output)
+    from megalite.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer("sentencepiece" if args.type == "sentencepiece" else "hf", args.output)
+    print(f"wrote {args.output}: vocab {tok.vocab_size}, bos {tok.bos}, eos {tok.eos}, pad {tok.pad}, "
+          f"chat {tok.chat_tokens}")
+    return 0
+
+
+if __name__ == "__main__":
+    _common.run_main(main)
