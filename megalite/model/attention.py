@@ -12,10 +12,10 @@ import importlib.util
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from megalite.config import ConfigError, ModelConfig
 from megalite.model.norm import RMSNorm
+from megalite.model.recompute import checkpoint
 from megalite.model.rope import apply_rope
 from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megalite.parallel.rng import RNGTracker
@@ -81,7 +81,7 @@ class Attention(nn.Module):
         self.replicated_kv = nkv < tp
         self.local_kv = 1 if self.replicated_kv else nkv // tp
         self.backend = attention_backend(cfg.attention_backend, ps.device if device is None else torch.device(device))
-        self.recompute_core = False  # selective recomputation, set by the parallelizer
+        self.recompute_core = False  # selective recomputation, set by model.recompute
         self.kv_index = ps.tp_rank // (tp // nkv) if self.replicated_kv else 0
         self.qkv = ColumnParallelLinear(cfg.hidden_size, (nh * d, nkv * d, nkv * d), ps, device=device,
                                         replicated=(False, True, True) if self.replicated_kv else None)
@@ -110,7 +110,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p = self.cfg.attention_dropout if self.training else 0.0
         if self.recompute_core:
-            out = torch.utils.checkpoint.checkpoint(self._core, q, k, v, doc_ids, p, use_reentrant=False)
+            # Replays dropout from the same RNG (tracker streams included) when recomputed.
+            out = checkpoint(self._core, q, k, v, doc_ids, p, rng=self.rng)
         else:
             out = self._core(q, k, v, doc_ids, p)
         return self.out(out.flatten(2))

@@ -12,6 +12,7 @@ from megalite.config import ModelConfig
 from megalite.model.attention import Attention
 from megalite.model.mlp import SwiGLUMLP
 from megalite.model.norm import RMSNorm
+from megalite.model.recompute import checkpoint
 from megalite.parallel.rng import RNGTracker
 from megalite.parallel.state import ParallelState
 
@@ -24,6 +25,7 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(cfg, ps, rng, device=device)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_impl, partial_grad=ps.sp, device=device)
         self.mlp = SwiGLUMLP(cfg, ps, device=device)
+        self.recompute = False  # full recomputation of this layer (set by model.recompute)
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         p = self.cfg.hidden_dropout
@@ -36,5 +38,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, doc_ids, rng=self.rng)
+        return self._forward(x, cos, sin, doc_ids)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 doc_ids: torch.Tensor | None) -> torch.Tensor:
         x = x + self._dropout(self.attn(self.attn_norm(x), cos, sin, doc_ids))
         return x + self._dropout(self.mlp(self.mlp_norm(x)))
