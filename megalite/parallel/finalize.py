@@ -4,6 +4,9 @@
 * A tied output head on the last pipeline stage and the embedding on the first are one parameter:
   their grads are summed over the embedding group.
 * Data-parallel grads are summed over DP (the loss is already normalized by the global token count).
+  When the chunks are wrapped by `data_parallel.DataParallel` (contiguous buffers, bucketed and
+  overlapped with backward), it does all three in the right order; `sync_dp_grads` is the simple
+  unbucketed reference it is tested against.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ def sync_dp_grads(modules: Iterable[nn.Module], ps: ParallelState) -> None:
 
 
 def finalize_grads(modules: list[nn.Module], ps: ParallelState, dp_sync: bool = True) -> None:
+    grad_sync = next((m.grad_sync for m in modules if hasattr(m, "grad_sync")), None)
+    if grad_sync is not None and dp_sync:
+        grad_sync.finish_grad_sync()  # DataParallel: waits for the overlapped bucket reductions
+        return
     sync_tp_partial_grads(modules, ps)
     sync_tied_embedding_grads(modules, ps)
     if dp_sync:
