@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 32000
+    vocab_size: int = 32000  # 0: take the tokenizer's
     hidden_size: int = 4096
     num_layers: int = 32
     num_heads: int = 32

@@ -1,0 +1,53 @@
+"""`megalite <stage> --config FILE [key=value ...]` (DESIGN.md contract 1).
+
+The same command runs alone or under torchrun. User errors (bad config, bad layout, missing or
+corrupt files) end with one `error: ...` line and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "generate")
+
+
+def _run(stage: str, config: str | None, overrides: list[str]) -> None:
+    from megalite.config import ConfigError, load_config
+
+    cfg = load_config(config, overrides)
+    if stage == "pretrain":
+        from megalite.training.trainer import pretrain
+
+        pretrain(cfg)
+        return
+    raise ConfigError(f"stage '{stage}' is not available in this version of megalite (available: pretrain)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="megalite", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("--config", "-c", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_intermixed_args(argv)
+    from megalite.config import ConfigError
+
+    try:
+        _run(args.stage, args.config, args.overrides)
+    except ConfigError as e:
+        rank = os.environ.get("RANK", "0")
+        if rank == "0" or os.environ.get("WORLD_SIZE", "1") == "1":
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: file not found: {e.filename or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The pretraining loop: model building, the step, optimizer, checkpoints, metrics."""

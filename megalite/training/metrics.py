@@ -1,0 +1,90 @@
+"""Throughput/MFU accounting, metrics.jsonl (contract 2) and the one-line console progress."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Dense peak TFLOP/s per GPU (no sparsity), from the vendors' datasheets.
+PEAK_TFLOPS: dict[str, dict[str, float | None]] = {
+    "H200": {"bf16": 989.4, "fp16": 989.4, "fp8": 1978.9, "fp32": 67.0},
+    "H100 SXM": {"bf16": 989.4, "fp16": 989.4, "fp8": 1978.9, "fp32": 67.0},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp8": 1513.0, "fp32": 51.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp8": None, "fp32": 19.5},
+}
+
+
+def gpu_kind(name: str) -> str | None:
+    if "H200" in name:
+        return "H200"
+    if "H100" in name:
+        return "H100 PCIe" if "PCIe" in name else "H100 SXM"
+    if "A100" in name:
+        return "A100"
+    return None
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s of one device, or None where unknown (CPUs, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    kind = gpu_kind(torch.cuda.get_device_name(device))
+    tf = PEAK_TFLOPS.get(kind, {}).get(precision) if kind else None
+    return tf * 1e12 if tf else None
+
+
+def _fmt_duration(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _fmt_rate(x: float) -> str:
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
+
+
+class MetricsLogger:
+    """Rank 0 writes metrics.jsonl and the console; other ranks only compute."""
+
+    def __init__(self, run_dir: str, total_steps: int, enabled: bool, progress_bar: bool = True) -> None:
+        self.enabled, self.total, self.bar = enabled, total_steps, progress_bar
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.start_time, self.start_step = time.time(), None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a", buffering=1)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def console(self, step: int, r: dict) -> None:
+        if not self.enabled:
+            return
+        if self.start_step is None:
+            self.start_step, self.start_time = step - 1, time.time() - r.get("step_time", 0.0)
+        done = step - self.start_step
+        eta = (time.time() - self.start_time) / max(done, 1) * (self.total - step)
+        frac = step / max(self.total, 1)
+        bar = ("[" + "#" * int(20 * frac) + "-" * (20 - int(20 * frac)) + "] ") if self.bar else ""
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+        line = (f"step {step}/{self.total} {bar}{100 * frac:3.0f}% | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
+                f"gnorm {r['grad_norm']:.3f} | {_fmt_rate(r['tokens_per_sec'])} tok/s | mfu {mfu} | "
+                f"ETA {_fmt_duration(eta)}")
+        if "eval_loss" in r:
+            line += f" | eval {r['eval_loss']:.4f} (ppl {r['eval_ppl']:.1f})"
+        print(line, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()

@@ -1,0 +1,86 @@
+"""Mixed precision: fp32 master weights and grads always; the forward runs in the chosen dtype.
+
+bf16 and fp16 use autocast over fp32 parameters, so optimizer state and gradient accumulation stay
+fp32. fp16 adds dynamic loss scaling. fp8 goes through Transformer Engine and never silently
+downgrades: without TE or an FP8-capable GPU the run stops with one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+
+import torch
+
+from megalite.config import ConfigError, TrainConfig
+
+
+def resolve_precision(train: TrainConfig, device: torch.device) -> str:
+    p = train.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if p not in ("fp32", "bf16", "fp16", "fp8"):
+        raise ConfigError(f"unknown train.precision '{p}' (auto | fp32 | bf16 | fp16 | fp8)")
+    if p == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU; use fp32 or bf16 on CPU")
+    if p == "fp8":
+        from megalite.kernels.te import FP8Unavailable, check_fp8
+
+        try:
+            check_fp8(train.fp8_recipe, device)
+        except FP8Unavailable as e:
+            raise ConfigError(str(e)) from None
+    return p
+
+
+def autocast(precision: str, device: torch.device, fp8_recipe: str = "delayed"):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    ctx = torch.autocast(device.type, dtype=dtype)
+    if precision != "fp8":
+        return ctx
+    from megalite.kernels.te import fp8_autocast_factory
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(ctx)
+    stack.enter_context(fp8_autocast_factory("fp8", fp8_recipe)())
+    return stack
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16: grow after `interval` clean steps, halve on overflow."""
+
+    def __init__(self, precision: str, initial: float = 0.0, interval: int = 1000) -> None:
+        self.enabled = precision == "fp16"
+        self.dynamic = initial == 0.0
+        self.scale = (initial or 2.0**16) if self.enabled else 1.0
+        self.interval, self.good_steps = interval, 0
+
+    def unscale_and_check(self, params: Iterable[torch.nn.Parameter], group=None) -> bool:
+        """Divides grads by the scale; returns False (skip the step) if any is inf/nan on any rank."""
+        if not self.enabled:
+            return True
+        grads = [p.grad for p in params if p.grad is not None]
+        found = torch.zeros(1, device=grads[0].device if grads else "cpu")
+        for g in grads:
+            g.div_(self.scale)
+            found += (~torch.isfinite(g)).any().float()
+        if group is not None and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(found, group=group)
+        ok = bool(found.item() == 0)
+        if self.dynamic:
+            if not ok:
+                self.scale, self.good_steps = max(self.scale / 2, 1.0), 0
+            else:
+                self.good_steps += 1
+                if self.good_steps % self.interval == 0 and math.isfinite(self.scale * 2):
+                    self.scale *= 2
+        return ok
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.scale, self.good_steps = s["scale"], s["good_steps"]

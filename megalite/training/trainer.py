@@ -1,0 +1,212 @@
+"""`megalite pretrain`: one step, end to end.
+
+    batches = this DP rank's micro-batches of the step  (data/sampler.py)
+    loss    = forward_backward(chunks, batches)          (forward_backward.py or a pipeline schedule)
+    finalize_grads (TP-partial, tied embeddings, DP)     (parallel/finalize.py)
+    optimizer.step(lr) -> grad norm, clipped             (optimizer.py)
+    log / eval / checkpoint / preemption check
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megalite.config import Config, ConfigError
+from megalite.data import build_pretrain_datasets
+from megalite.data.sampler import get_micro_batch
+from megalite.data.tokenizer import build_tokenizer
+from megalite.model.flops import flops_per_token, param_count
+from megalite.parallel.comm import all_reduce, broadcast
+from megalite.parallel.finalize import finalize_grads
+from megalite.parallel.rng import seed_everything
+from megalite.parallel.state import (
+    ParallelState,
+    build_parallel_state,
+    check_layout,
+    init_distributed,
+    resolve_device,
+)
+from megalite.training.batch import loss_token_count, make_micro_batch
+from megalite.training.build import build_model
+from megalite.training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from megalite.training.forward_backward import get_forward_backward
+from megalite.training.lr_schedule import lr_at
+from megalite.training.metrics import MetricsLogger, peak_flops
+from megalite.training.optimizer import build_optimizer
+from megalite.training.precision import LossScaler, autocast, resolve_precision
+from megalite.training.preemption import PreemptionGuard
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        t, m = cfg.train, cfg.model
+        self.device = resolve_device(t.device)
+        world, _, _ = init_distributed(self.device)
+        self.dp = check_layout(m, cfg.parallel, t, world)  # before any work: bad layouts fail fast
+        self.precision = resolve_precision(t, self.device)
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+        if m.vocab_size == 0:
+            m.vocab_size = self.tokenizer.vocab_size
+        if self.tokenizer.vocab_size > m.vocab_size:
+            raise ConfigError(f"model.vocab_size {m.vocab_size} is smaller than the tokenizer's "
+                              f"{self.tokenizer.vocab_size}")
+        self.ps: ParallelState = build_parallel_state(cfg.parallel, self.device)
+        self.num_micro = t.global_batch_size // (t.micro_batch_size * self.ps.dp)
+        self.rng = seed_everything(t.seed, self.ps.tp_rank, self.ps.pp_rank, self.device)
+        self.train_ds, self.valid_ds, _ = build_pretrain_datasets(cfg.data, t.seq_len, t.seed, self.tokenizer)
+        self.chunks = build_model(cfg, self.ps, self.rng)
+        self.optimizer = build_optimizer(self.chunks, cfg, self.ps)
+        self.forward_backward = get_forward_backward(self.ps, cfg.parallel)
+        self.scaler = LossScaler(self.precision, t.loss_scale)
+        self.state = TrainState()
+        self.ckpt_dir = Path(cfg.checkpoint.dir or Path(t.run_dir) / "checkpoints")
+        self.flops_per_token = flops_per_token(m, t.seq_len)
+        self.peak = peak_flops(self.device, "fp8" if self.precision == "fp8" else self.precision)
+        self.is_logger = self.ps.rank == 0
+        self.metrics = MetricsLogger(t.run_dir, t.train_steps, self.is_logger, t.progress_bar)
+        self._maybe_resume()
+        if self.is_logger:
+            print(f"megalite pretrain | {self.ps.describe()} | params {param_count(m) / 1e6:.1f}M | "
+                  f"precision {self.precision} | micro-batches/step {self.num_micro} | "
+                  f"start step {self.state.step}", flush=True)
+
+    # -- data ---------------------------------------------------------------------------------
+    def _batches(self, dataset, consumed: int) -> list[dict]:
+        d, t = self.cfg.data, self.cfg.train
+        return [make_micro_batch(get_micro_batch(dataset, consumed, i, t.micro_batch_size, self.ps.dp_rank,
+                                                 self.ps.dp), self.tokenizer.eod, d.reset_at_eod,
+                                 d.eod_mask_loss, self.device)
+                for i in range(self.num_micro)]
+
+    def _global_sum(self, value: torch.Tensor | float) -> torch.Tensor:
+        t = torch.as_tensor(value, dtype=torch.float64, device=self.device).clone()
+        all_reduce(t, self.ps.dp_group)
+        return t
+
+    def _pipeline_broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        """The loss lives on the last pipeline stage; every rank logs the same value."""
+        broadcast(t, src=self.ps.pp_ranks[-1], group=self.ps.pp_group)
+        return t
+
+    # -- one step -----------------------------------------------------------------------------
+    def train_step(self, batches: list[dict]) -> tuple[float, float]:
+        for c in self.chunks:
+            c.train()
+        num_tokens = float(self._global_sum(loss_token_count(batches)))
+        self.optimizer.zero_grad()
+        with autocast(self.precision, self.device, self.cfg.train.fp8_recipe):
+            loss_sum = self.forward_backward(self.chunks, batches, self.ps, num_tokens=num_tokens,
+                                             loss_scale=self.scaler.scale)
+        finalize_grads(self.chunks, self.ps)
+        params = [p for c in self.chunks for p in c.parameters()]
+        if self.scaler.unscale_and_check(params, None if self.ps.world_size == 1 else dist.group.WORLD):
+            lr = lr_at(self.state.step, self.cfg.train.train_steps, self.cfg.optim)
+            grad_norm = self.optimizer.step(lr)
+        else:
+            grad_norm = float("inf")  # fp16 overflow: skip this update, the scaler has backed off
+        loss = self._pipeline_broadcast(self._global_sum(loss_sum.double()) / num_tokens)
+        return float(loss), grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        if self.valid_ds is None:
+            return float("nan")
+        for c in self.chunks:
+            c.eval()
+        t = self.cfg.train
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0.0
+        for k in range(t.eval_steps):
+            batches = self._batches(self.valid_ds, k * t.global_batch_size)
+            n = float(self._global_sum(loss_token_count(batches)))
+            with autocast(self.precision, self.device, t.fp8_recipe):
+                s = self.forward_backward(self.chunks, batches, self.ps, num_tokens=n, forward_only=True)
+            total += self._global_sum(s.double())
+            count += n
+        return float(self._pipeline_broadcast(total / count))
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _maybe_resume(self) -> None:
+        load = self.cfg.checkpoint.load
+        if not load:
+            return
+        path = self.ckpt_dir if load == "auto" else Path(load)
+        if load == "auto" and resolve_checkpoint(path) is None:
+            return
+        meta = load_checkpoint(path, self.chunks, self.optimizer, self.ps, self.cfg, self.rng)
+        self.state = TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"])
+        if self.is_logger:
+            print(f"resumed from {resolve_checkpoint(path)} at step {self.state.step}", flush=True)
+
+    def save(self) -> Path:
+        extra = {"consumed_samples": self.state.consumed_samples}
+        return save_checkpoint(self.ckpt_dir, self.state.step, self.chunks, self.optimizer, self.ps,
+                               self.cfg, extra, self.rng)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train(self) -> list[dict]:
+        t, ck = self.cfg.train, self.cfg.checkpoint
+        guard = PreemptionGuard()
+        history: list[dict] = []
+        tokens_per_step = t.global_batch_size * t.seq_len
+        try:
+            while self.state.step < t.train_steps:
+                start = time.time()
+                batches = self._batches(self.train_ds, self.state.consumed_samples)
+                lr = lr_at(self.state.step, t.train_steps, self.cfg.optim)
+                loss, grad_norm = self.train_step(batches)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                elapsed = time.time() - start
+                self.state.step += 1
+                self.state.consumed_samples += t.global_batch_size
+                tps = tokens_per_step / elapsed
+                mfu = (self.flops_per_token * tps / (self.peak * self.ps.world_size)) if self.peak else None
+                rec = {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                       "tokens_per_sec": tps, "mfu": mfu, "step_time": elapsed,
+                       "consumed_samples": self.state.consumed_samples}
+                if t.eval_interval and self.state.step % t.eval_interval == 0:
+                    rec["eval_loss"] = self.evaluate()
+                    rec["eval_ppl"] = math.exp(min(rec["eval_loss"], 50.0))
+                history.append(rec)
+                if self.state.step % t.log_interval == 0 or self.state.step == t.train_steps or "eval_loss" in rec:
+                    self.metrics.log(rec)
+                    self.metrics.console(self.state.step, rec)
+                stop = guard.should_stop(self.device)
+                if (ck.save_interval and self.state.step % ck.save_interval == 0) or (stop and ck.save_on_exit):
+                    path = self.save()
+                    if self.is_logger:
+                        print(f"saved checkpoint {path}", flush=True)
+                if stop:
+                    if self.is_logger:
+                        print(f"preemption signal: stopped cleanly after step {self.state.step}", flush=True)
+                    break
+            else:
+                if ck.save_on_exit and not (ck.save_interval and self.state.step % ck.save_interval == 0):
+                    self.save()
+        finally:
+            guard.restore()
+            self.metrics.close()
+        return history
+
+
+def pretrain(cfg: Config) -> list[dict]:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
