@@ -1,0 +1,78 @@
+"""Tokenizer backends behind one interface, and the trainer tool."""
+
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megalite.config import ConfigError
+from megalite.data.tokenizer import build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+TEXT = "def f(x):\n    return 12345 + x  # naïve ü\n"
+
+
+def _check(tok):
+    ids = tok.encode(TEXT)
+    assert tok.decode(ids) == TEXT
+    assert all(0 <= i < tok.vocab_size for i in ids + [tok.bos, tok.eos, tok.pad, tok.eod])
+    flat, lengths = tok.encode_batch_flat([TEXT, "", "x"], np.dtype(np.int32))
+    assert lengths.tolist() == [len(ids), 0, len(tok.encode("x"))] and flat[: len(ids)].tolist() == ids
+
+
+def test_byte():
+    tok = build_tokenizer("byte")
+    _check(tok)
+    assert tok.chat_tokens == {"<|im_start|>": 259, "<|im_end|>": 260}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    corpus = d / "c.jsonl"
+    with open(corpus, "w") as f:
+        for p in sorted(Path(json.__file__).parent.parent.glob("*.py"))[:25]:
+            f.write(json.dumps({"text": p.read_text()}) + "\n")
+    out = {}
+    for kind, name in (("sentencepiece", "sp.model"), ("hf-bpe", "tokenizer.json")):
+        r = subprocess.run([sys.executable, str(ROOT / "tools/train_tokenizer.py"), "--input", str(corpus),
+                            "--type", kind, "--vocab-size", "600", "--output", str(d / name), "--threads", "1"],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        out[kind] = d / name
+    return out
+
+
+def test_sentencepiece_llama2_style(trained):
+    tok = build_tokenizer("sentencepiece", str(trained["sentencepiece"]))
+    _check(tok)
+    assert (tok.bos, tok.eos) == (1, 2) and set(tok.chat_tokens) == {"<|im_start|>", "<|im_end|>"}
+    assert len(tok.encode("12345")) >= 5  # split_digits
+
+
+def test_hf_byte_level_bpe(trained):
+    tok = build_tokenizer("hf", str(trained["hf-bpe"]))
+    _check(tok)
+    assert tok.eos == tok.token_id("<|endoftext|>") and "<|im_end|>" in tok.chat_tokens
+
+
+def test_tiktoken_local_rank_file(tmp_path):
+    ranks = tmp_path / "bytes.tiktoken"
+    ranks.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
+    tok = build_tokenizer("tiktoken", str(ranks))
+    _check(tok)
+    assert tok.eos == 256 and tok.chat_tokens["<|im_start|>"] == 258
+
+
+def test_errors_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown data.tokenizer_type"):
+        build_tokenizer("wordpiece")
+    with pytest.raises(ConfigError, match="not found"):
+        build_tokenizer("sentencepiece", str(tmp_path / "missing.model"))
+    (tmp_path / "junk.model").write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="cannot load sentencepiece"):
+        build_tokenizer("sentencepiece", str(tmp_path / "junk.model"))
