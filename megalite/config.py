@@ -121,7 +121,7 @@ class CheckpointConfig:
     keep_last: int = 3
     keep_pow2: bool = True  # additionally keep every 2^n-th step
     async_save: bool = False
-    save_on_exit: bool = True
+    save_on_exit: bool = True  # at the end of training (a preemption or exit_interval stop always saves)
 
 
 @dataclass
@@ -139,6 +139,7 @@ class TrainConfig:
     log_interval: int = 1
     eval_interval: int = 0  # 0 disables periodic eval
     eval_steps: int = 4
+    exit_interval: int = 0  # > 0: checkpoint and exit cleanly once step % exit_interval == 0
     progress_bar: bool = True
 
 
@@ -199,6 +200,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -70,11 +70,6 @@ def check_layout(model: ModelConfig, par: ParallelConfig, train: TrainConfig, wo
             raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(par, name)}")
     if par.cp != 1:
         raise ConfigError("parallel.cp > 1 (context parallelism) is not supported yet; set parallel.cp=1")
-    mp = par.tp * par.pp * par.cp
-    if world_size % mp != 0:
-        raise ConfigError(f"world size {world_size} is not divisible by tp*pp*cp = "
-                          f"{par.tp}*{par.pp}*{par.cp} = {mp}")
-    dp = world_size // mp
     if model.hidden_size % model.num_heads != 0:
         raise ConfigError(f"model.hidden_size {model.hidden_size} is not divisible by "
                           f"model.num_heads {model.num_heads}")
@@ -95,6 +90,11 @@ def check_layout(model: ModelConfig, par: ParallelConfig, train: TrainConfig, wo
                           "(required by sequence parallelism)")
     if train.seq_len > model.max_seq_len:
         raise ConfigError(f"train.seq_len {train.seq_len} exceeds model.max_seq_len {model.max_seq_len}")
+    mp = par.tp * par.pp * par.cp
+    if world_size % mp != 0:
+        raise ConfigError(f"world size {world_size} is not divisible by tp*pp*cp = "
+                          f"{par.tp}*{par.pp}*{par.cp} = {mp}")
+    dp = world_size // mp
     per_step = train.micro_batch_size * dp
     if train.global_batch_size % per_step != 0:
         raise ConfigError(f"train.global_batch_size {train.global_batch_size} is not divisible by "

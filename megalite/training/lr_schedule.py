@@ -6,9 +6,13 @@ import math
 
 from megalite.config import ConfigError, OptimConfig
 
+DECAYS = ("cosine", "wsd", "linear", "constant")
+
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """LR for optimizer step `step` (0-based)."""
+    if cfg.decay not in DECAYS:
+        raise ConfigError(f"unknown optim.decay '{cfg.decay}' ({' | '.join(DECAYS)})")
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.decay == "constant":
@@ -26,4 +30,4 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
         if step < start:
             return cfg.lr
         return cfg.lr - (cfg.lr - cfg.min_lr) * min(1.0, (step - start + 1) / decay_steps)
-    raise ConfigError(f"unknown optim.decay '{cfg.decay}' (cosine | wsd | linear | constant)")
+    raise AssertionError(cfg.decay)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,16 +54,19 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         t, m = cfg.train, cfg.model
+        # Validate everything cheap before any process group or data work: bad input fails fast.
         self.device = resolve_device(t.device)
-        world, _, _ = init_distributed(self.device)
-        self.dp = check_layout(m, cfg.parallel, t, world)  # before any work: bad layouts fail fast
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        self.dp = check_layout(m, cfg.parallel, t, world)
         self.precision = resolve_precision(t, self.device)
+        lr_at(0, t.train_steps, cfg.optim)  # rejects an unknown decay now, not at step 1
         self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
         if m.vocab_size == 0:
             m.vocab_size = self.tokenizer.vocab_size
         if self.tokenizer.vocab_size > m.vocab_size:
             raise ConfigError(f"model.vocab_size {m.vocab_size} is smaller than the tokenizer's "
                               f"{self.tokenizer.vocab_size}")
+        init_distributed(self.device)
         self.ps: ParallelState = build_parallel_state(cfg.parallel, self.device)
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.ps.dp)
         self.rng = seed_everything(t.seed, self.ps.tp_rank, self.ps.pp_rank, self.device)
@@ -185,14 +189,15 @@ class Trainer:
                 if self.state.step % t.log_interval == 0 or self.state.step == t.train_steps or "eval_loss" in rec:
                     self.metrics.log(rec)
                     self.metrics.console(self.state.step, rec)
-                stop = guard.should_stop(self.device)
-                if (ck.save_interval and self.state.step % ck.save_interval == 0) or (stop and ck.save_on_exit):
+                stop = guard.should_stop(self.device) or bool(t.exit_interval and self.state.step % t.exit_interval == 0)
+                if stop or (ck.save_interval and self.state.step % ck.save_interval == 0):
                     path = self.save()
                     if self.is_logger:
                         print(f"saved checkpoint {path}", flush=True)
                 if stop:
                     if self.is_logger:
-                        print(f"preemption signal: stopped cleanly after step {self.state.step}", flush=True)
+                        print(f"stopped cleanly after step {self.state.step} "
+                              f"({'preemption signal' if guard.requested else 'exit_interval'})", flush=True)
                     break
             else:
                 if ck.save_on_exit and not (ck.save_interval and self.state.step % ck.save_interval == 0):

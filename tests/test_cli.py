@@ -1,0 +1,73 @@
+"""The CLI: bad input exits non-zero with one clear line and no traceback, before any work starts;
+SIGTERM mid-run writes a checkpoint at the next step boundary and exits cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.training.common import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, "-m", "megalite.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["model.num_heads=4", "parallel.tp=3"], "model.num_heads 4 is not divisible by parallel.tp 3"),
+    (["parallel.tp=2", "parallel.pp=2"], "world size 1 is not divisible by tp*pp*cp"),
+    (["parallel.tp=2", "parallel.sp=true", "train.seq_len=33"], "train.seq_len 33 is not divisible by parallel.tp 2"),
+    (["model.hidden_sise=64"], "unknown config key 'model.hidden_sise'"),
+    (["train.micro_batch_size=two"], "'train.micro_batch_size' in command-line overrides: expected an integer"),
+    (["optim.decay=exponential"], "unknown optim.decay 'exponential'"),
+])
+def test_bad_config_is_one_line(tmp_path, overrides, expected):
+    r = _cli("pretrain", *TINY, f"train.run_dir={tmp_path}", *overrides)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not (tmp_path / "metrics.jsonl").exists()  # nothing ran
+
+
+def test_missing_config_file(tmp_path):
+    r = _cli("pretrain", "--config", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: config file not found: {tmp_path / 'nope.yaml'}"
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("model:\n  hidden: 64\n")
+    r = _cli("pretrain", "--config", str(f))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: unknown config key 'model.hidden' in {f}"
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "megalite.cli", "pretrain", *TINY, f"train.run_dir={tmp_path}",
+                             "train.train_steps=100000"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        if line.startswith("step 2/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped cleanly after step" in out and "Traceback" not in err
+    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.split("_")[1])
+    assert step >= 2 and (tmp_path / "checkpoints" / latest / "meta.json").is_file()
