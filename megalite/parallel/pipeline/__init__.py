@@ -5,5 +5,6 @@ from megalite.parallel.pipeline.schedules import (  # noqa: F401
     forward_backward_1f1b,
     forward_backward_afab,
     forward_backward_interleaved,
+    get_pipeline_schedule,
 )
 from megalite.parallel.pipeline.stages import StageSpec, check_schedule, split_layers, stage_specs  # noqa: F401

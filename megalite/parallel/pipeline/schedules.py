@@ -2,12 +2,13 @@
 
 All three share one signature with the no-pipelining version in megalite/training:
 
-    forward_backward(chunks, micro_batches, ps, *, num_tokens, forward_only=False, no_sync=None)
+    forward_backward(chunks, micro_batches, ps, *, num_tokens, forward_only=False, loss_scale=1.0,
+                     no_sync=None)
 
 `chunks` are this rank's model chunks (one, or `vpp` with interleaving), each with `pre_process`
 / `post_process` flags and a `forward(tokens=|hidden=, labels=, position_ids=, doc_ids=)`.
-Every micro-batch's loss is `token_losses.sum() / num_tokens`, so accumulated grads equal those of
-the whole step. The return value is the detached sum of token losses this rank computed (the last
+Every micro-batch's loss is `token_losses.sum() / num_tokens` (times `loss_scale`, fp16's dynamic
+scale), so accumulated grads equal those of the whole step. The return value is the detached sum of token losses this rank computed (the last
 stage's; zero elsewhere).
 
 `no_sync` is an optional context-manager factory (the data-parallel grad reducer's): every
@@ -25,7 +26,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from megalite.config import ConfigError, ParallelConfig
 from megalite.parallel.pipeline.p2p import PipelineComm, activation_shape
+from megalite.parallel.pipeline.stages import check_schedule
 from megalite.parallel.state import ParallelState
 
 MicroBatch = dict[str, torch.Tensor]
@@ -36,9 +39,10 @@ class _Steps:
     """Forward and backward of one (chunk, micro-batch); keeps the loss sum and grad-sync gating."""
 
     def __init__(self, chunks: list[nn.Module], micro_batches: list[MicroBatch], ps: ParallelState,
-                 num_tokens: float, forward_only: bool, no_sync: NoSync) -> None:
+                 num_tokens: float, forward_only: bool, loss_scale: float, no_sync: NoSync) -> None:
         self.chunks, self.micro_batches, self.ps = chunks, micro_batches, ps
-        self.num_tokens, self.forward_only, self.no_sync = num_tokens, forward_only, no_sync
+        self.forward_only, self.no_sync = forward_only, no_sync
+        self.loss_factor = loss_scale / num_tokens
         self.backwards_left = len(chunks) * len(micro_batches)
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=ps.device)
         first = micro_batches[0]["tokens"]
@@ -59,7 +63,7 @@ class _Steps:
                 out = model(hidden=input_tensor, **kw)
             if model.post_process:  # per-token losses [b, s] -> this micro-batch's share of the loss
                 self.loss_sum += out.detach().float().sum()
-                out = out.sum() / self.num_tokens
+                out = out.sum() * self.loss_factor
         return out
 
     def backward(self, input_tensor: torch.Tensor | None, output: torch.Tensor,
@@ -76,11 +80,12 @@ class _Steps:
 
 
 def forward_backward_afab(chunks: list[nn.Module], micro_batches: list[MicroBatch], ps: ParallelState, *,
-                          num_tokens: float, forward_only: bool = False, no_sync: NoSync = None) -> torch.Tensor:
+                          num_tokens: float, forward_only: bool = False, loss_scale: float = 1.0,
+                          no_sync: NoSync = None) -> torch.Tensor:
     """All forwards, then all backwards (GPipe). The reference schedule: simplest, but it keeps the
     activations of every micro-batch alive at once."""
     (model,) = chunks
-    steps = _Steps(chunks, micro_batches, ps, num_tokens, forward_only, no_sync)
+    steps = _Steps(chunks, micro_batches, ps, num_tokens, forward_only, loss_scale, no_sync)
     comm = steps.comm
     saved = []
     for i in range(len(micro_batches)):
@@ -96,11 +101,12 @@ def forward_backward_afab(chunks: list[nn.Module], micro_batches: list[MicroBatc
 
 
 def forward_backward_1f1b(chunks: list[nn.Module], micro_batches: list[MicroBatch], ps: ParallelState, *,
-                          num_tokens: float, forward_only: bool = False, no_sync: NoSync = None) -> torch.Tensor:
+                          num_tokens: float, forward_only: bool = False, loss_scale: float = 1.0,
+                          no_sync: NoSync = None) -> torch.Tensor:
     """1F1B (PipeDream-flush): stage r runs pp-r-1 warm-up forwards, then alternates one forward
     and one backward, then drains. Same bubble as AFAB, but at most pp micro-batches in flight."""
     (model,) = chunks
-    steps = _Steps(chunks, micro_batches, ps, num_tokens, forward_only, no_sync)
+    steps = _Steps(chunks, micro_batches, ps, num_tokens, forward_only, loss_scale, no_sync)
     comm = steps.comm
     m = len(micro_batches)
     warmup = min(ps.pp - ps.pp_rank - 1, m)
@@ -143,7 +149,7 @@ def forward_backward_1f1b(chunks: list[nn.Module], micro_batches: list[MicroBatc
 
 
 def forward_backward_interleaved(chunks: list[nn.Module], micro_batches: list[MicroBatch], ps: ParallelState, *,
-                                 num_tokens: float, forward_only: bool = False,
+                                 num_tokens: float, forward_only: bool = False, loss_scale: float = 1.0,
                                  no_sync: NoSync = None) -> torch.Tensor:
     """Interleaved 1F1B (Megatron): each rank holds v chunks, so a micro-batch crosses it v times
     and the warm-up/drain bubble shrinks by v. Micro-batches go in groups of pp: the rank runs
@@ -153,7 +159,7 @@ def forward_backward_interleaved(chunks: list[nn.Module], micro_batches: list[Mi
     m = len(micro_batches)
     if m % pp != 0:
         raise ValueError(f"interleaved schedule: {m} micro-batches is not a multiple of pp={pp}")
-    steps = _Steps(chunks, micro_batches, ps, num_tokens, forward_only, no_sync)
+    steps = _Steps(chunks, micro_batches, ps, num_tokens, forward_only, loss_scale, no_sync)
     comm = steps.comm
     total = m * v
     first_rank, last_rank = rank == 0, rank == pp - 1
@@ -264,3 +270,11 @@ SCHEDULE_FNS = {
     "1f1b": forward_backward_1f1b,
     "interleaved": forward_backward_interleaved,
 }
+
+
+def get_pipeline_schedule(ps: ParallelState, par: ParallelConfig) -> Callable[..., torch.Tensor]:
+    """The configured schedule for pp > 1 (the trainer's `get_forward_backward` hook)."""
+    check_schedule(par, num_micro=par.pp if par.pipeline_schedule == "interleaved" else 1)
+    if ps.pp != par.pp or ps.vpp != par.vpp:
+        raise ConfigError(f"pipeline layout mismatch: state pp={ps.pp} vpp={ps.vpp}, config pp={par.pp} vpp={par.vpp}")
+    return SCHEDULE_FNS[par.pipeline_schedule]
