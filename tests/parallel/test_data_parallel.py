@@ -66,8 +66,8 @@ def _dp_worker(rank: int, world: int, tp: int, sp: bool, shard: bool):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,sp,shard", [(1, False, False), (1, False, True), (2, True, True)],
-                         ids=["dp2-allreduce", "dp2-reducescatter", "tp2sp-dp2-reducescatter"])
+@pytest.mark.parametrize("tp,sp,shard", [(1, False, False), (2, True, True)],
+                         ids=["dp2-allreduce", "tp2sp-dp2-reducescatter"])
 def test_bucketed_dp_equals_unbucketed(tp: int, sp: bool, shard: bool):
     results = run_distributed(_dp_worker, 2 * tp, tp, sp, shard)
     for r in results:
