@@ -12,6 +12,10 @@ one chunk of logits plus the gradients of the inputs.
   by chunk in backward (one extra matmul). Pre-scaling by a scalar here is the wrong-gradient bug
   that this avoids.
 
+Autocast (bf16/fp16 over fp32 master weights): the matmuls run in the autocast dtype, as a plain
+F.linear would, and the whole body runs with autocast off so the out=/in-place matmuls see one
+dtype; autograd casts the gradients back to the fp32 parameters' dtype.
+
 Vocab parallel: `weight` is this rank's [V_local, H] shard starting at `vocab_start`. The returned
 hidden gradient is this shard's partial sum; the caller routes `hidden` through the usual column-
 parallel input mapping (copy_to_tp or gather_from_sequence), whose backward reduces it over TP.
@@ -72,6 +76,15 @@ class _FusedLinearCEFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, smooth, z_loss, reduction, vocab_start, vocab,
                 tp_group, chunk_size):
+        dev = hidden.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+        with torch.autocast(dev, enabled=False):
+            return _FusedLinearCEFn._forward(ctx, hidden.to(dt), weight.to(dt), labels, ignore_index, smooth,
+                                             z_loss, reduction, vocab_start, vocab, tp_group, chunk_size)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, labels, ignore_index, smooth, z_loss, reduction, vocab_start, vocab,
+                 tp_group, chunk_size):
         h = as_rows(hidden, "fused_linear_cross_entropy: hidden")
         lab = labels.reshape(-1).contiguous()
         n, v_local = h.shape[0], weight.shape[0]
@@ -107,6 +120,11 @@ class _FusedLinearCEFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _FusedLinearCEFn._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         hidden_shape, n_valid = ctx.shapes
         if ctx.eager:
             dh, dw = ctx.saved_tensors
@@ -142,7 +160,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"fused_linear_cross_entropy: weight {tuple(weight.shape)} does not match hidden "
                          f"size {hidden.shape[-1]}")
-    if weight.dtype != hidden.dtype:
+    if weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
         raise ValueError(f"fused_linear_cross_entropy: weight dtype {weight.dtype} differs from hidden "
                          f"{hidden.dtype}")
     if chunk_size is not None and chunk_size <= 0:

@@ -111,3 +111,17 @@ def test_bad_inputs():
         fused_linear_cross_entropy(h, w, lab, chunk_size=0)
     with pytest.raises(ValueError, match="disagree"):
         fused_linear_cross_entropy(h, w, lab[:2])
+
+
+def test_under_autocast_with_fp32_master_weights():
+    hidden, weight, labels, grad = _case(10, 32, 260, 250, seed=34)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss, dh, dw = _run(fused_linear_cross_entropy, hidden, weight, labels, grad, "mean", chunk_size=3,
+                            vocab_size=250)
+    assert dh.dtype == torch.float32 and dw.dtype == torch.float32
+    # The reference sees the bf16-rounded operands the autocast matmul sees.
+    hb, wb = hidden.bfloat16().double(), weight.bfloat16().double()
+    ref, rdh, rdw = _run(_ref, hb, wb, labels, grad, "mean", vocab_size=250)
+    assert_close64(loss, ref, torch.bfloat16, "loss")
+    assert_close64(dh, rdh, torch.bfloat16, "dhidden")
+    assert_close64(dw, rdw, torch.bfloat16, "dweight")

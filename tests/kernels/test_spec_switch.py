@@ -16,7 +16,7 @@ BASE = ModelConfig(vocab_size=301, hidden_size=48, num_layers=2, num_heads=4, nu
                    ffn_hidden_size=80, max_seq_len=32, norm_eps=1e-6)
 
 
-def _run(cfg: ModelConfig):
+def _run(cfg: ModelConfig, autocast: bool = False):
     torch.manual_seed(0)
     model = LlamaModel(cfg, ParallelState())
     model.init_weights(5)
@@ -24,9 +24,10 @@ def _run(cfg: ModelConfig):
     tokens = torch.randint(0, 301, (2, 12), generator=g)
     labels = torch.randint(0, 301, (2, 12), generator=g)
     labels[1, 4] = -100
-    logits = model(tokens).detach()
-    loss = model(tokens, labels=labels)
-    (loss.sum() / (labels != -100).sum()).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(tokens).detach()
+        loss = model(tokens, labels=labels)
+        (loss.sum() / (labels != -100).sum()).backward()
     return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
@@ -44,6 +45,17 @@ def test_triton_model_matches_torch_model(impls):
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bf16_autocast_over_fp32_master_weights():
+    ref_logits, ref_loss, ref_grads = _run(BASE, autocast=True)
+    cfg = dataclasses.replace(BASE, norm_impl="triton", mlp_impl="triton", loss_impl="fused_linear")
+    logits, loss, grads = _run(cfg, autocast=True)
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=3e-2, atol=3e-2)
+    for name in grads:
+        assert grads[name].dtype == torch.float32, name  # master weights and their grads stay fp32
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=5e-2, atol=2e-3, msg=name)
 
 
 def test_selectors_return_the_kernels_and_reject_unknown_names():
