@@ -35,7 +35,12 @@ from megalite.parallel.state import (
 )
 from megalite.training.batch import loss_token_count, make_micro_batch
 from megalite.training.build import build_model
-from megalite.training.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from megalite.training.checkpoint import (
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    wait_for_pending_save,
+)
 from megalite.training.forward_backward import get_forward_backward
 from megalite.training.lr_schedule import lr_at
 from megalite.training.metrics import MetricsLogger, peak_flops
@@ -51,7 +56,8 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, datasets: tuple | None = None) -> None:
+        """`datasets` (train, valid) replaces the configured data (benchmarks use synthetic tokens)."""
         self.cfg = cfg
         t, m = cfg.train, cfg.model
         # Validate everything cheap before any process group or data work: bad input fails fast.
@@ -70,7 +76,9 @@ class Trainer:
         self.ps: ParallelState = build_parallel_state(cfg.parallel, self.device)
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.ps.dp)
         self.rng = seed_everything(t.seed, self.ps.tp_rank, self.ps.pp_rank, self.device)
-        self.train_ds, self.valid_ds, _ = build_pretrain_datasets(cfg.data, t.seq_len, t.seed, self.tokenizer)
+        if datasets is None:
+            datasets = build_pretrain_datasets(cfg.data, t.seq_len, t.seed, self.tokenizer)[:2]
+        self.train_ds, self.valid_ds = datasets
         self.chunks = build_model(cfg, self.ps, self.rng)
         self.optimizer = build_optimizer(self.chunks, cfg, self.ps)
         self.forward_backward = get_forward_backward(self.ps, cfg.parallel)
@@ -113,7 +121,8 @@ class Trainer:
         self.optimizer.zero_grad()
         with autocast(self.precision, self.device, self.cfg.train.fp8_recipe):
             loss_sum = self.forward_backward(self.chunks, batches, self.ps, num_tokens=num_tokens,
-                                             loss_scale=self.scaler.scale)
+                                             loss_scale=self.scaler.scale,
+                                             no_sync=getattr(self.optimizer, "no_sync", None))
         finalize_grads(self.chunks, self.ps)
         params = [p for c in self.chunks for p in c.parameters()]
         if self.scaler.unscale_and_check(params, None if self.ps.world_size == 1 else dist.group.WORLD):
@@ -203,6 +212,7 @@ class Trainer:
                 if ck.save_on_exit and not (ck.save_interval and self.state.step % ck.save_interval == 0):
                     self.save()
         finally:
+            wait_for_pending_save()  # an async save must be committed before the run returns
             guard.restore()
             self.metrics.close()
         return history
