@@ -1,9 +1,19 @@
-"""Checkpoints: one directory per step, written atomically, with a `latest` pointer.
+"""Checkpoints: a directory per step, written atomically, reshardable to any TP/PP/DP layout.
 
-Layout: <dir>/step_00000010/{meta.json, rank_00000.pt, ...}. Every rank writes its own file into a
-temporary directory; rank 0 renames the directory into place only after all files are complete,
-then rewrites `latest` (itself via rename). A crash at any point leaves the previous checkpoint
-and `latest` untouched.
+    <dir>/step_00000010/meta.json        global shapes, TP layout of every parameter, where each
+                                         piece lives, config, layout, step, consumed samples
+    <dir>/step_00000010/rank_00003.pt    that rank's model shards (DP rank 0 only), optimizer
+                                         pieces, RNG states
+    <dir>/latest                         the name of the last complete step directory
+
+Every rank writes its file into `<dir>/.tmp_step_00000010`; rank 0 writes meta.json last and
+renames the directory into place, then rewrites `latest` (itself through a rename). A crash at any
+point leaves the previous checkpoint and `latest` untouched; the stale temp dir is removed by the
+next save. Retention keeps the last `keep_last` checkpoints plus every power-of-two step.
+
+With `async_save`, tensors are copied to CPU at once and written by a background thread; rank 0's
+thread waits for all rank files to appear before committing, so no collective runs off the main
+thread. The next save (or `wait_for_pending_save`) joins it.
 """
 
 from __future__ import annotations
@@ -12,7 +22,11 @@ import json
 import os
 import random
 import shutil
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,8 +34,25 @@ import torch.distributed as dist
 
 from megalite.config import Config, ConfigError
 from megalite.parallel.state import ParallelState
+from megalite.training.checkpoint_reshard import (
+    ShardReader,
+    load_optim_state,
+    load_weight,
+    merge_index,
+    rank_payload,
+    storage_key,
+)
 
 LATEST = "latest"
+METADATA = "meta.json"
+FORMAT = "megalite-dist-ckpt-1"
+# The model fields that must agree for a checkpoint to load (the rest may differ, e.g. dropout).
+MODEL_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
+                "ffn_multiple_of", "tie_embeddings", "qk_norm")
+# Tests set this to interrupt a save between the rank files and the commit.
+_before_commit: Callable[[Path], None] | None = None
+_pending: threading.Thread | None = None
+_COMMIT_TIMEOUT_S = 3600.0
 
 
 def _barrier(ps: ParallelState) -> None:
@@ -47,74 +78,216 @@ def set_rng_state(s: dict, tracker) -> None:
         tracker.load_state_dict(s["tracker"])
 
 
-def _layout(ps: ParallelState) -> dict:
-    return {"tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "vpp": ps.vpp, "world_size": ps.world_size}
+def _layout(ps: ParallelState, optimizer: Any) -> dict:
+    return {"tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "vpp": ps.vpp, "world_size": ps.world_size,
+            "distributed_optimizer": bool(getattr(optimizer, "sharded", False))}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _fsync_write(path: Path, write: Callable[[str], None]) -> None:
+    """Writes through `path.partial`, flushes it to disk, then renames: never a half file at `path`."""
+    partial = str(path) + ".partial"
+    write(partial)
+    with open(partial, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    _fsync_write(path, lambda p: Path(p).write_text(text))
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Retention
+
+
+def retained_steps(steps: list[int], keep_last: int, keep_pow2: bool) -> set[int]:
+    keep = set(sorted(steps)[-keep_last:]) if keep_last > 0 else set()
+    if keep_pow2:
+        keep |= {s for s in steps if s > 0 and s & (s - 1) == 0}
+    return keep
+
+
+def apply_retention(root: Path, keep_last: int, keep_pow2: bool, protect: str) -> None:
+    """Deletes complete checkpoints outside the policy, and stale temp dirs of crashed saves."""
+    steps = {}
+    for d in root.glob("step_*"):
+        try:
+            steps[int(d.name.removeprefix("step_"))] = d
+        except ValueError:
+            continue
+    keep = retained_steps(list(steps), keep_last, keep_pow2)
+    for s, d in steps.items():
+        if s not in keep and d.name != protect:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def wait_for_pending_save() -> None:
+    """Blocks until a previous async save of this rank (and, on rank 0, its commit) finished."""
+    global _pending
+    if _pending is not None:
+        _pending.join()
+        _pending = None
+
+
+def _commit(root: Path, tmp: Path, final: Path, meta: dict, world: int, wait_files: bool,
+            ck_keep_last: int, ck_keep_pow2: bool) -> None:
+    """Rank 0: metadata last, then the rename that makes the checkpoint exist, then `latest`."""
+    if wait_files:  # async: the other ranks' files appear (atomically) when their writes finish
+        deadline = time.time() + _COMMIT_TIMEOUT_S
+        while not all((tmp / _rank_file(r)).is_file() for r in range(world)):
+            if time.time() > deadline:
+                print(f"checkpoint: gave up waiting for rank files in {tmp}; not committed", flush=True)
+                return
+            time.sleep(0.05)
+    if _before_commit is not None:
+        _before_commit(tmp)
+    _write_text(tmp / METADATA, json.dumps(meta, indent=1, default=str))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_text(root / LATEST, final.name)
+    apply_retention(root, ck_keep_last, ck_keep_pow2, protect=final.name)
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, chunks, optimizer, ps: ParallelState, cfg: Config,
                     extra: dict, tracker=None) -> Path:
+    """Saves this rank's shards; every rank must call it. Returns the step directory."""
+    global _pending
+    wait_for_pending_save()
     root = Path(ckpt_dir)
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
     if ps.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".tmp_step_*"):  # left by a crashed save
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-    _barrier(ps)
-    state = {"model": [c.state_dict() for c in chunks], "optimizer": optimizer.state_dict(),
-             "rng": rng_state(tracker)}
-    part = tmp / f"rank_{ps.rank:05d}.pt"
-    torch.save(state, str(part) + ".partial")
-    os.replace(str(part) + ".partial", part)
+    payload, index = rank_payload(chunks, optimizer, ps)
+    payload["rng"] = rng_state(tracker)
+    payload["extra"] = dict(extra)
+    if not hasattr(optimizer, "pieces"):  # an optimizer without a reshardable layout
+        payload["optimizer_state"] = optimizer.state_dict()
+    entry = {"file": _rank_file(ps.rank), "tp_rank": ps.tp_rank, "pp_rank": ps.pp_rank, "dp_rank": ps.dp_rank,
+             "params": index}
+    entries: list[Any] = [None] * ps.world_size
+    if ps.world_size > 1:
+        dist.all_gather_object(entries, entry)  # also orders the mkdir above before any write
+    else:
+        entries = [entry]
+    meta = {"format": FORMAT, "step": step, **extra, "layout": _layout(ps, optimizer),
+            "optimizer": {"steps": getattr(optimizer, "steps", None), "reshardable": hasattr(optimizer, "pieces")},
+            "ranks": [{k: e[k] for k in ("file", "tp_rank", "pp_rank", "dp_rank")} for e in entries],
+            "params": merge_index(entries), "config": cfg.to_dict()}
+
+    def write() -> None:
+        _fsync_write(tmp / _rank_file(ps.rank), lambda p: torch.save(payload, p))
+
+    ck = cfg.checkpoint
+    if ck.async_save:
+        def background() -> None:
+            write()
+            if ps.rank == 0:
+                _commit(root, tmp, final, meta, ps.world_size, True, ck.keep_last, ck.keep_pow2)
+
+        _pending = threading.Thread(target=background, name=f"ckpt-save-{step}", daemon=False)
+        _pending.start()
+        return final
+    write()
     _barrier(ps)
     if ps.rank == 0:
-        meta = {"step": step, "layout": _layout(ps), "config": cfg.to_dict(), **extra}
-        _atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _atomic_write_text(root / LATEST, final.name)
+        _commit(root, tmp, final, meta, ps.world_size, False, ck.keep_last, ck.keep_pow2)
     _barrier(ps)
     return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
 
 
 def resolve_checkpoint(path: str | Path) -> Path | None:
     """A step directory, or a checkpoint root whose `latest` names one; None if there is none."""
     p = Path(path)
-    if (p / "meta.json").is_file():
+    if (p / METADATA).is_file():
         return p
     latest = p / LATEST
     if latest.is_file():
         step_dir = p / latest.read_text().strip()
-        if not (step_dir / "meta.json").is_file():
+        if not (step_dir / METADATA).is_file():
             raise ConfigError(f"{latest} points to {step_dir}, which is not a complete checkpoint")
         return step_dir
     return None
 
 
+def read_metadata(step_dir: Path) -> dict:
+    path = step_dir / METADATA
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable checkpoint metadata ({type(e).__name__})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ConfigError(f"{path}: not a {FORMAT} checkpoint (format {meta.get('format')!r})")
+    return meta
+
+
+def _check_model(meta: dict, cfg: Config, path: Path) -> None:
+    saved = meta.get("config", {}).get("model", {})
+    for f in MODEL_FIELDS:
+        if f in saved and saved[f] != getattr(cfg.model, f):
+            raise ConfigError(f"{path / METADATA}: model.{f} is {saved[f]!r} in the checkpoint but "
+                              f"{getattr(cfg.model, f)!r} in this run")
+
+
+@torch.no_grad()
 def load_checkpoint(path: str | Path, chunks, optimizer, ps: ParallelState, cfg: Config, tracker=None) -> dict:
+    """Loads into this rank's chunks/optimizer whatever layout the checkpoint was saved with.
+    Returns the metadata (step, consumed_samples, ...). RNG states are restored only when the
+    layout is the same (they are per rank); otherwise the run keeps its fresh seeds."""
     step_dir = resolve_checkpoint(path)
     if step_dir is None:
         raise ConfigError(f"no checkpoint found at {path}")
-    try:
-        meta = json.loads((step_dir / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{step_dir / 'meta.json'}: unreadable checkpoint metadata ({e})") from None
-    if meta["layout"] != _layout(ps):
-        raise ConfigError(f"{step_dir} was saved with layout {meta['layout']}, this run is {_layout(ps)}; "
-                          "resharding is not supported by this checkpoint format")
-    part = step_dir / f"rank_{ps.rank:05d}.pt"
-    try:
-        state = torch.load(part, map_location=ps.device, weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ConfigError(f"{part}: cannot read checkpoint shard ({e})") from None
-    for c, sd in zip(chunks, state["model"], strict=True):
-        c.load_state_dict(sd)
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"], tracker)
+    meta = read_metadata(step_dir)
+    _check_model(meta, cfg, step_dir)
+    reader = ShardReader(step_dir)
+    for c in chunks:
+        for name, p in c.named_parameters():
+            key = storage_key(name, p, ps) or getattr(p, "tied_to", None) or name
+            p.copy_(load_weight(reader, meta, key, p, ps).to(p.dtype))
+    same_layout = {k: v for k, v in meta["layout"].items() if k != "distributed_optimizer"} == {
+        k: v for k, v in _layout(ps, optimizer).items() if k != "distributed_optimizer"}
+    if hasattr(optimizer, "pieces"):
+        _load_buffer_optimizer(reader, meta, optimizer, ps)
+    elif meta["optimizer"]["reshardable"] or not same_layout:
+        raise ConfigError(f"{step_dir}: this optimizer can only resume a checkpoint of its own kind and layout")
+    else:
+        optimizer.load_state_dict(reader.get(_rank_file(ps.rank))["optimizer_state"])
+    if same_layout:
+        set_rng_state(reader.get(_rank_file(ps.rank))["rng"], tracker)
     return meta
+
+
+def _load_buffer_optimizer(reader: ShardReader, meta: dict, optimizer, ps: ParallelState) -> None:
+    optimizer.sync_master_from_params()
+    if not meta["optimizer"]["reshardable"] or meta["optimizer"]["steps"] is None:
+        return  # weights only (e.g. converted from HF): Adam starts fresh
+    optimizer.steps = int(meta["optimizer"]["steps"])
+    by_param: dict[int, list] = {}
+    for pc in optimizer.pieces:
+        by_param.setdefault(id(pc.slot.param), []).append(pc)
+    for pcs in by_param.values():
+        p, name = pcs[0].slot.param, pcs[0].name
+        key = storage_key(name, p, ps) or getattr(p, "tied_to", None) or name
+        for state_name in ("exp_avg", "exp_avg_sq", "master"):
+            flat = load_optim_state(reader, meta, key, p, ps, state_name)
+            if flat is None:
+                continue
+            for pc in pcs:
+                views = optimizer.piece_state(pc)
+                if state_name in views:
+                    views[state_name].copy_(flat[pc.lo: pc.hi])

@@ -57,4 +57,14 @@ class Optimizer:
 
 
 def build_optimizer(chunks: list[nn.Module], cfg: Config, ps: ParallelState):
-    return Optimizer(chunks, cfg, ps)
+    """AdamW over contiguous param/grad buffers with bucketed, overlapped DP grad reduction;
+    ZeRO-1 (sharded master weights and Adam state) with `parallel.distributed_optimizer`.
+    `Optimizer` above is the plain torch version, kept as the reference the tests compare with."""
+    from megalite.parallel.distributed_optimizer import build_buffer_optimizer  # noqa: PLC0415
+
+    par = cfg.parallel
+    opt = build_buffer_optimizer(chunks, cfg.optim, ps, distributed=par.distributed_optimizer,
+                                 bucket_size_mb=par.bucket_size_mb, overlap=par.overlap_grad_reduce)
+    if ps.dp_rank == 0 and ps.tp_rank == 0:  # one line per pipeline stage: stages differ in size
+        print(f"[pp rank {ps.pp_rank}] {opt.describe_memory()}; {opt.ddp.describe()}", flush=True)
+    return opt
