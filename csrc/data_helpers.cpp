@@ -179,7 +179,8 @@ py::array sample_index_impl(const int32_t* sizes, int64_t num_sizes, const Index
       o[2 * num_samples + 1] = static_cast<T>(sizes[doc_idx[D - 1]] - extra);
       last = num_samples - 1;
     }
-    int T_ = std::max(1, std::min<int>(num_threads, static_cast<int>(D / 4096) + 1));
+    // Threads pay off only on large inputs; below ~1M documents one thread is faster.
+    int T_ = std::max(1, std::min<int>(num_threads, static_cast<int>(D >> 20) + 1));
     std::vector<int64_t> starts(T_ + 1, 0), pos(T_ + 1, 0);
     for (int t = 0; t <= T_; ++t) starts[t] = D * t / T_;
     auto sum_slice = [&](int t) {
