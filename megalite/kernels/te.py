@@ -103,6 +103,11 @@ def fp8_autocast_factory(precision: str, recipe_name: str = "delayed",
     return lambda: te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=amax_group)
 
 
+def _device(device: torch.device | str | None) -> dict[str, Any]:
+    # TE builds its parameters on "cuda" unless told otherwise.
+    return {} if device is None else {"device": torch.device(device)}
+
+
 def _tp_kwargs(tp_group: Group, sequence_parallel: bool) -> dict[str, Any]:
     tp = torch.distributed.get_world_size(tp_group) if tp_group is not None else 1
     if sequence_parallel and tp == 1:
@@ -112,41 +117,46 @@ def _tp_kwargs(tp_group: Group, sequence_parallel: bool) -> dict[str, Any]:
 
 def te_linear(in_features: int, out_features: int, parallel_mode: str | None, tp_group: Group = None,
               sequence_parallel: bool = False, bias: bool = False, params_dtype: torch.dtype | None = None,
-              init_method: Callable[[torch.Tensor], None] | None = None) -> torch.nn.Module:
+              init_method: Callable[[torch.Tensor], None] | None = None,
+              device: torch.device | str | None = None) -> torch.nn.Module:
     """te.Linear; parallel_mode 'column' | 'row' | None, with full (unsharded) feature sizes."""
     if parallel_mode not in ("column", "row", None):
         raise ValueError(f"te_linear: parallel_mode must be 'column', 'row' or None, got {parallel_mode!r}")
     te = te_pytorch()
     return te.Linear(in_features, out_features, bias=bias, parallel_mode=parallel_mode,
-                     params_dtype=params_dtype, init_method=init_method,
+                     params_dtype=params_dtype, init_method=init_method, **_device(device),
                      **_tp_kwargs(tp_group, sequence_parallel))
 
 
 def te_layernorm_linear(in_features: int, out_features: int, eps: float, tp_group: Group = None,
                         sequence_parallel: bool = False, bias: bool = False,
                         params_dtype: torch.dtype | None = None,
-                        init_method: Callable[[torch.Tensor], None] | None = None) -> torch.nn.Module:
+                        init_method: Callable[[torch.Tensor], None] | None = None,
+                        device: torch.device | str | None = None) -> torch.nn.Module:
     """te.LayerNormLinear with RMSNorm, column-parallel (the attention's norm + QKV projection)."""
     te = te_pytorch()
     return te.LayerNormLinear(in_features, out_features, eps=eps, bias=bias, normalization="RMSNorm",
                               parallel_mode="column", params_dtype=params_dtype, init_method=init_method,
-                              **_tp_kwargs(tp_group, sequence_parallel))
+                              **_device(device), **_tp_kwargs(tp_group, sequence_parallel))
 
 
 def te_layernorm_mlp(hidden_size: int, ffn_hidden_size: int, eps: float, tp_group: Group = None,
                      sequence_parallel: bool = False, bias: bool = False,
                      params_dtype: torch.dtype | None = None,
                      init_method: Callable[[torch.Tensor], None] | None = None,
-                     output_layer_init_method: Callable[[torch.Tensor], None] | None = None) -> torch.nn.Module:
+                     output_layer_init_method: Callable[[torch.Tensor], None] | None = None,
+                     device: torch.device | str | None = None) -> torch.nn.Module:
     """te.LayerNormMLP: RMSNorm + gate/up (column) + SwiGLU + down (row), all in one module."""
     te = te_pytorch()
     return te.LayerNormMLP(hidden_size, ffn_hidden_size, eps=eps, bias=bias, normalization="RMSNorm",
                            activation="swiglu", set_parallel_mode=True, params_dtype=params_dtype,
                            init_method=init_method, output_layer_init_method=output_layer_init_method,
-                           **_tp_kwargs(tp_group, sequence_parallel))
+                           **_device(device), **_tp_kwargs(tp_group, sequence_parallel))
 
 
 def te_rmsnorm(hidden_size: int, eps: float, sequence_parallel: bool = False,
-               params_dtype: torch.dtype | None = None) -> torch.nn.Module:
+               params_dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> torch.nn.Module:
     te = te_pytorch()
-    return te.RMSNorm(hidden_size, eps=eps, sequence_parallel=sequence_parallel, params_dtype=params_dtype)
+    return te.RMSNorm(hidden_size, eps=eps, sequence_parallel=sequence_parallel, params_dtype=params_dtype,
+                      **_device(device))

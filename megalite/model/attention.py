@@ -17,7 +17,7 @@ from megalite.config import ConfigError, ModelConfig
 from megalite.model.norm import RMSNorm
 from megalite.model.recompute import checkpoint
 from megalite.model.rope import apply_rope
-from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megalite.model.spec import column_linear, fuses_attn_norm, row_linear
 from megalite.parallel.rng import RNGTracker
 from megalite.parallel.state import ParallelState
 
@@ -83,13 +83,14 @@ class Attention(nn.Module):
         self.backend = attention_backend(cfg.attention_backend, ps.device if device is None else torch.device(device))
         self.recompute_core = False  # selective recomputation, set by model.recompute
         self.kv_index = ps.tp_rank // (tp // nkv) if self.replicated_kv else 0
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, (nh * d, nkv * d, nkv * d), ps, device=device,
-                                        replicated=(False, True, True) if self.replicated_kv else None)
-        self.out = RowParallelLinear(nh * d, cfg.hidden_size, ps, init="scaled", device=device)
+        self.qkv = column_linear(cfg, cfg.hidden_size, (nh * d, nkv * d, nkv * d), ps, device=device,
+                                 replicated=(False, True, True) if self.replicated_kv else None,
+                                 fuse_norm=fuses_attn_norm(cfg))
+        self.out = row_linear(cfg, nh * d, cfg.hidden_size, ps, device=device)
         if cfg.qk_norm:
             # The norm weight is shared by all heads, and each TP rank sees different heads.
-            self.q_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_impl, partial_grad=tp > 1, device=device)
-            self.k_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_impl, partial_grad=tp > 1, device=device)
+            self.q_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_impl, partial_grad=tp > 1, device=device, ps=ps)
+            self.k_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_impl, partial_grad=tp > 1, device=device, ps=ps)
 
     def _project(self, x: torch.Tensor):
         s, b = x.shape[0] * (self.ps.tp if self.ps.sp else 1), x.shape[1]

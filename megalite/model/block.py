@@ -13,6 +13,7 @@ from megalite.model.attention import Attention
 from megalite.model.mlp import SwiGLUMLP
 from megalite.model.norm import RMSNorm
 from megalite.model.recompute import checkpoint
+from megalite.model.spec import fuses_attn_norm, fuses_mlp_norm
 from megalite.parallel.rng import RNGTracker
 from megalite.parallel.state import ParallelState
 
@@ -21,9 +22,12 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, ps: ParallelState, rng: RNGTracker | None, device=None) -> None:
         super().__init__()
         self.cfg, self.ps, self.rng = cfg, ps, rng
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_impl, partial_grad=ps.sp, device=device)
+        # With TE, LayerNormLinear / LayerNormMLP carry these pre-norms inside them.
+        self.attn_norm = nn.Identity() if fuses_attn_norm(cfg) else RMSNorm(
+            cfg.hidden_size, cfg.norm_eps, cfg.norm_impl, partial_grad=ps.sp, device=device, ps=ps)
         self.attn = Attention(cfg, ps, rng, device=device)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_impl, partial_grad=ps.sp, device=device)
+        self.mlp_norm = nn.Identity() if fuses_mlp_norm(cfg) else RMSNorm(
+            cfg.hidden_size, cfg.norm_eps, cfg.norm_impl, partial_grad=ps.sp, device=device, ps=ps)
         self.mlp = SwiGLUMLP(cfg, ps, device=device)
         self.recompute = False  # full recomputation of this layer (set by model.recompute)
 

@@ -44,7 +44,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, ps, rng, device=device) for i in self.layer_ids})
         if post_process:
             self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_impl, partial_grad=ps.sp,
-                                      device=device)
+                                      device=device, ps=ps)
             if not cfg.tie_embeddings or not pre_process:
                 # With tied embeddings split over a pipeline, the last stage keeps its own copy,
                 # initialized from the same key and kept in sync by an all-reduce of the grads.

@@ -6,8 +6,7 @@ import torch
 import torch.nn as nn
 
 from megalite.config import ModelConfig
-from megalite.model.spec import swiglu_fn
-from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megalite.model.spec import column_linear, row_linear, swiglu_fn, te_mlp
 from megalite.parallel.state import ParallelState
 
 
@@ -15,10 +14,15 @@ class SwiGLUMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, ps: ParallelState, device=None) -> None:
         super().__init__()
         f = cfg.ffn_size
-        self.gate_up = ColumnParallelLinear(cfg.hidden_size, (f, f), ps, device=device)
-        self.down = RowParallelLinear(f, cfg.hidden_size, ps, init="scaled", device=device)
+        if cfg.mlp_impl == "te":  # TE LayerNormMLP, with the pre-norm inside (the layer skips its own)
+            self.te = te_mlp(cfg, ps, device=device)
+            return
+        self.gate_up = column_linear(cfg, cfg.hidden_size, (f, f), ps, device=device)
+        self.down = row_linear(cfg, f, cfg.hidden_size, ps, device=device)
         self.act = swiglu_fn(cfg.mlp_impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "te"):
+            return self.te(x)
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(self.act(gate, up))

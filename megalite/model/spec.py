@@ -8,9 +8,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from megalite.config import ConfigError
+from megalite.config import ConfigError, ModelConfig
+from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megalite.parallel.sharding import TPShard, set_tp_shard
+from megalite.parallel.state import ParallelState
 
 
 def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -82,3 +86,90 @@ def loss_fn(impl: str) -> LossFn:
     if impl == "fused_linear":
         return fused_linear_vocab_parallel_loss
     raise ConfigError(f"model.loss_impl '{impl}' is not available (expected one of: torch, triton, fused_linear)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Module-level choices: the projections, and the Transformer Engine modules that fuse a norm in.
+#
+# TE modules bring their own parameters; they get the same metadata our layers set (TP shard
+# layout, init kind, TP-partial grads), so init_weights, checkpoint resharding and grad sync treat
+# them exactly like the torch layers. TE does the TP/SP communication itself (tp_group,
+# sequence_parallel), on the same [seq, batch, hidden] layout.
+
+
+def _tag(p: nn.Parameter, init: str, shard: TPShard | None = None, sync_tp_grad: bool = False) -> None:
+    p.init = init  # type: ignore[attr-defined]
+    p.sync_tp_grad = sync_tp_grad  # type: ignore[attr-defined]
+    if shard is not None:
+        set_tp_shard(p, shard)
+
+
+def _te_common(ps: ParallelState, device) -> dict:
+    # fp32 parameters: they are the master weights; TE casts to FP8 inside its GEMMs.
+    return dict(tp_group=ps.tp_group, sequence_parallel=ps.sp, params_dtype=torch.float32,
+                device=device if device is not None else ps.device)
+
+
+def fuses_attn_norm(cfg: ModelConfig) -> bool:
+    """TE LayerNormLinear (norm + QKV in one module) replaces the attention's pre-norm."""
+    return cfg.linear_impl == "te" and cfg.norm_impl == "te"
+
+
+def fuses_mlp_norm(cfg: ModelConfig) -> bool:
+    """TE LayerNormMLP (norm + gate/up + SwiGLU + down) replaces the MLP's pre-norm."""
+    return cfg.mlp_impl == "te"
+
+
+def column_linear(cfg: ModelConfig, in_features: int, blocks: tuple[int, ...], ps: ParallelState, *,
+                  replicated: tuple[bool, ...] | None = None, fuse_norm: bool = False,
+                  device=None) -> nn.Module:
+    if cfg.linear_impl == "torch":
+        return ColumnParallelLinear(in_features, blocks, ps, replicated=replicated, device=device)
+    if cfg.linear_impl != "te":
+        raise ConfigError(f"model.linear_impl '{cfg.linear_impl}' is not available (expected one of: torch, te)")
+    if replicated and any(replicated):
+        raise ConfigError(f"model.linear_impl=te needs num_kv_heads ({cfg.kv_heads}) divisible by parallel.tp "
+                          f"({ps.tp})")
+    from megalite.kernels import te
+
+    if fuse_norm:
+        m = te.te_layernorm_linear(in_features, sum(blocks), cfg.norm_eps, **_te_common(ps, device))
+        _tag(m.layer_norm_weight, "ones", sync_tp_grad=ps.sp)
+    else:
+        m = te.te_linear(in_features, sum(blocks), "column", **_te_common(ps, device))
+    _tag(m.weight, "normal", TPShard(0, tuple(blocks)))
+    return m
+
+
+def row_linear(cfg: ModelConfig, in_features: int, out_features: int, ps: ParallelState, *,
+               device=None) -> nn.Module:
+    if cfg.linear_impl == "torch":
+        return RowParallelLinear(in_features, out_features, ps, init="scaled", device=device)
+    if cfg.linear_impl != "te":
+        raise ConfigError(f"model.linear_impl '{cfg.linear_impl}' is not available (expected one of: torch, te)")
+    from megalite.kernels import te
+
+    m = te.te_linear(in_features, out_features, "row", **_te_common(ps, device))
+    _tag(m.weight, "scaled", TPShard(1, (in_features,)))
+    return m
+
+
+def te_mlp(cfg: ModelConfig, ps: ParallelState, device=None) -> nn.Module:
+    """TE LayerNormMLP: fc1 holds [gate; up] (this rank's slice of each), as our gate_up does."""
+    from megalite.kernels import te
+
+    f = cfg.ffn_size
+    m = te.te_layernorm_mlp(cfg.hidden_size, f, cfg.norm_eps, **_te_common(ps, device))
+    _tag(m.layer_norm_weight, "ones", sync_tp_grad=ps.sp)
+    _tag(m.fc1_weight, "normal", TPShard(0, (f, f)))
+    _tag(m.fc2_weight, "scaled", TPShard(1, (f,)))
+    return m
+
+
+def te_norm(dim: int, eps: float, ps: ParallelState, partial_grad: bool, device=None) -> nn.Module:
+    from megalite.kernels import te
+
+    m = te.te_rmsnorm(dim, eps, sequence_parallel=ps.sp, params_dtype=torch.float32,
+                      device=device if device is not None else ps.device)
+    _tag(m.weight, "ones", sync_tp_grad=partial_grad)
+    return m
