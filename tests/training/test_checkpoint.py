@@ -1,0 +1,191 @@
+"""Checkpoints: resharding across layouts, atomicity under a kill, retention, async, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megalite.config import Config, ConfigError, ModelConfig
+from megalite.model import LlamaModel
+from megalite.parallel.distributed_optimizer import BufferOptimizer
+from megalite.parallel.sharding import TPShard, split_for_rank
+from megalite.parallel.state import ParallelState
+from megalite.testing import run_distributed
+from megalite.training import checkpoint as ckpt
+from megalite.training.checkpoint_reshard import assemble_global
+from megalite.training.trainer import Trainer
+from tests.training.common import tiny_config
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ModelConfig(vocab_size=301, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    ffn_hidden_size=64, max_seq_len=32, tie_embeddings=True)
+
+
+def _tiny(model: ModelConfig = MODEL, **ck) -> tuple[Config, LlamaModel, BufferOptimizer]:
+    cfg = Config(model=model)
+    for k, v in ck.items():
+        setattr(cfg.checkpoint, k, v)
+    m = LlamaModel(model, ParallelState())
+    m.init_weights(1)
+    return cfg, m, BufferOptimizer([m], cfg.optim, ParallelState(), bucket_size_mb=0.004)
+
+
+def _train(m: LlamaModel, opt: BufferOptimizer, steps: int = 2) -> None:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        opt.zero_grad()
+        m(torch.randint(0, 301, (2, 8), generator=g), labels=torch.randint(0, 301, (2, 8), generator=g)).mean().backward()
+        opt.step(1e-2)
+
+
+def _same_state(a: tuple, b: tuple) -> None:
+    (_, m1, o1), (_, m2, o2) = a, b
+    for (n, p), (_, q) in zip(m1.named_parameters(), m2.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+    for x, y in zip(o1.exp_avg + o1.exp_avg_sq, o2.exp_avg + o2.exp_avg_sq, strict=True):
+        assert torch.equal(x, y)
+    assert o1.steps == o2.steps
+
+
+# -- the global <-> local mapping -----------------------------------------------------------------
+
+@pytest.mark.parametrize("shard", [TPShard(0, (12, 4, 4), replicated=(False, True, True)),
+                                   TPShard(1, (8,)), TPShard(0, (16,), logical=13)])
+def test_assemble_inverts_split_for_any_tp(shard: TPShard):
+    shape = [shard.logical or shard.global_size, 3]
+    if shard.dim == 1:
+        shape.reverse()
+    full = torch.randn(shape)
+    for tp in (1, 2, 4):
+        rep = shard if tp > 1 else TPShard(shard.dim, shard.blocks, shard.logical)
+        locals_ = [split_for_rank(full, rep, r, tp) for r in range(tp)]
+        assert torch.equal(assemble_global(locals_, rep), full)
+
+
+# -- atomicity, retention, async, bad input -------------------------------------------------------
+
+def test_retention_keeps_last_k_and_powers_of_two(tmp_path):
+    assert ckpt.retained_steps(list(range(1, 21)), 3, True) == {1, 2, 4, 8, 16, 18, 19, 20}
+    assert ckpt.retained_steps(list(range(1, 21)), 2, False) == {19, 20}
+    cfg, m, opt = _tiny(keep_last=2, keep_pow2=True)
+    for step in (3, 4, 5, 6, 7):
+        ckpt.save_checkpoint(tmp_path, step, [m], opt, ParallelState(), cfg, {"consumed_samples": step})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000004", "step_00000006",
+                                                           "step_00000007"]
+    assert (tmp_path / "latest").read_text() == "step_00000007"
+
+
+_KILLED_SAVE = """
+import sys, time, pathlib
+from tests.training.test_checkpoint import _tiny, _train
+from megalite.parallel.state import ParallelState
+from megalite.training import checkpoint as ckpt
+root = pathlib.Path(sys.argv[1])
+cfg, m, opt = _tiny()
+_train(m, opt)
+ckpt.save_checkpoint(root, 2, [m], opt, ParallelState(), cfg, {"consumed_samples": 2})
+_train(m, opt, 1)
+def hang(tmp):
+    (root / "marker").write_text(str(tmp))
+    time.sleep(120)
+ckpt._before_commit = hang
+ckpt.save_checkpoint(root, 3, [m], opt, ParallelState(), cfg, {"consumed_samples": 3})
+"""
+
+
+def test_killed_mid_save_leaves_previous_checkpoint_loadable(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(tmp_path)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (tmp_path / "marker").exists():
+        assert proc.poll() is None and time.time() < deadline, "the saving process ended early"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)  # all rank files are written, the commit is not
+    proc.wait()
+    assert (tmp_path / ".tmp_step_00000003" / "rank_00000.pt").is_file()
+    assert (tmp_path / "latest").read_text() == "step_00000002"
+    assert not (tmp_path / "step_00000003").exists()
+    # The previous checkpoint loads and equals what the killed process had at step 2.
+    expected = _tiny()
+    _train(expected[1], expected[2])
+    loaded = _tiny()
+    meta = ckpt.load_checkpoint(tmp_path, [loaded[1]], loaded[2], ParallelState(), loaded[0])
+    assert meta["step"] == 2 and meta["consumed_samples"] == 2
+    _same_state(expected, loaded)
+    # The next save cleans up the half-written directory.
+    ckpt.save_checkpoint(tmp_path, 3, [loaded[1]], loaded[2], ParallelState(), loaded[0], {"consumed_samples": 3})
+    assert not (tmp_path / ".tmp_step_00000003").exists()
+
+
+def test_async_save_commits_the_snapshot_taken_at_call_time(tmp_path):
+    cfg, m, opt = _tiny(async_save=True)
+    _train(m, opt)
+    snapshot = _tiny()
+    for (_, p), (_, q) in zip(snapshot[1].named_parameters(), m.named_parameters(), strict=True):
+        p.data.copy_(q)
+    snapshot[2].load_state_dict(opt.state_dict())
+    ckpt.save_checkpoint(tmp_path, 2, [m], opt, ParallelState(), cfg, {"consumed_samples": 2})
+    _train(m, opt, 1)  # training goes on while the background thread writes
+    ckpt.wait_for_pending_save()
+    loaded = _tiny()
+    ckpt.load_checkpoint(tmp_path, [loaded[1]], loaded[2], ParallelState(), loaded[0])
+    _same_state(snapshot, loaded)
+
+
+def test_bad_checkpoints_fail_with_one_line_naming_the_file(tmp_path):
+    cfg, m, opt = _tiny()
+    step_dir = ckpt.save_checkpoint(tmp_path, 1, [m], opt, ParallelState(), cfg, {"consumed_samples": 1})
+    wider = ModelConfig(**{**MODEL.__dict__, "hidden_size": 64})
+    c2, m2, o2 = _tiny(wider)
+    with pytest.raises(ConfigError, match="model.hidden_size is 32 in the checkpoint but 64"):
+        ckpt.load_checkpoint(tmp_path, [m2], o2, ParallelState(), c2)
+    shard = step_dir / "rank_00000.pt"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    with pytest.raises(ConfigError, match=r"rank_00000\.pt: cannot read checkpoint shard"):
+        ckpt.load_checkpoint(tmp_path, [m], opt, ParallelState(), cfg)
+    shard.unlink()
+    with pytest.raises(ConfigError, match=r"rank_00000\.pt: checkpoint shard is missing"):
+        ckpt.load_checkpoint(tmp_path, [m], opt, ParallelState(), cfg)
+    (step_dir / "meta.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"meta\.json: unreadable checkpoint metadata"):
+        ckpt.load_checkpoint(step_dir, [m], opt, ParallelState(), cfg)
+
+
+# -- resharding through the real training loop -----------------------------------------------------
+
+def _layout_worker(rank: int, world: int, run_dir: str, overrides: list[str]):
+    history = Trainer(tiny_config(f"{run_dir}/r{rank}", *overrides)).train()
+    return [r["loss"] for r in history], [r["grad_norm"] for r in history]
+
+
+@pytest.mark.slow
+def test_tp2_pp2_dp2_checkpoint_resumes_at_tp1_and_tp4_dp2(tmp_path):
+    ck = str(tmp_path / "ckpt")
+    # vocab 1001 pads to 1024 at TP4, so every TP rank holds some real vocabulary rows (with the
+    # byte tokenizer's ~260, TP rank 3 holds only padding, and vocab-parallel CE logs NaN there).
+    common = ["train.train_steps=4", "parallel.sp=true", f"checkpoint.dir={ck}", "model.vocab_size=1001"]
+    # Saved at step 2 by TP2 x PP2 x DP2 with the distributed optimizer; it runs on to step 4.
+    saved = run_distributed(_layout_worker, 8, str(tmp_path / "a"),
+                            [*common, "parallel.tp=2", "parallel.pp=2", "parallel.distributed_optimizer=true",
+                             "checkpoint.save_interval=2"])
+    losses, norms = saved[0]
+    assert all(r == saved[0] for r in saved)  # every rank logs the same global loss
+    meta = ckpt.read_metadata(ckpt.resolve_checkpoint(ck))
+    assert meta["step"] == 4 and meta["layout"]["distributed_optimizer"]
+    load = [f"checkpoint.load={ck}/step_00000002"]
+    # TP1 x PP1 x DP1, distributed optimizer off.
+    single = Trainer(tiny_config(str(tmp_path / "b"), *common, *load)).train()
+    assert [r["step"] for r in single] == [3, 4]
+    assert [r["loss"] for r in single] == pytest.approx(losses[2:], rel=1e-5)
+    assert [r["grad_norm"] for r in single] == pytest.approx(norms[2:], rel=1e-4)
+    # TP4 x PP1 x DP2 (kv heads now replicated over TP), distributed optimizer off.
+    for loss, norm in run_distributed(_layout_worker, 8, str(tmp_path / "c"), [*common, *load, "parallel.tp=4"]):
+        assert loss == pytest.approx(losses[2:], rel=1e-5)
+        assert norm == pytest.approx(norms[2:], rel=1e-4)
