@@ -193,6 +193,7 @@ def measure(kind: str, shape: str, name: str, fn: Callable, inputs: list[torch.T
 def run_case(kind: str, shape: str, make_inputs: Callable[[], list[torch.Tensor]], n_diff: int,
              bytes_fwd: int | None, bytes_fwdbwd: int | None, device: torch.device, args) -> list[Row]:
     rows = []
+    torch._dynamo.reset()  # one compiled graph per case: shape changes would hit the recompile limit
     for name, fn in impls(kind, device, args.compile, args.interpret).items():
         if device.type == "cpu" and name.startswith("megalite"):
             name += "(interp)"  # runs, and its memory is real, but its time is the interpreter's
@@ -254,7 +255,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     args.warmup = args.warmup if args.warmup is not None else (10 if device.type == "cuda" else 2)
-    args.iters = args.iters if args.iters is not None else (50 if device.type == "cuda" else 5)
+    args.iters = args.iters if args.iters is not None else (50 if device.type == "cuda" else 10)
     if device.type != "cuda":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         print("note: no GPU: Liger skipped; Triton kernels " + (
