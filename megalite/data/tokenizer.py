@@ -9,7 +9,6 @@ the chat-template markers the model knows (`<|im_start|>`, `<|im_end|>`, Llama-3
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -84,13 +83,13 @@ class ByteTokenizer(Tokenizer):
 
 
 # SentencePiece splits its input into words at every space that follows a non-space (pieces never
-# cross those points), so a text's ids are the concatenation of its words' ids. Caching words
-# turns most of a corpus into dictionary lookups. Models whose normalizer rewrites spaces (NFKC
-# maps U+00A0 to a space, for one) or that lack the dummy prefix would break that identity; they
-# fail these probes, or the check on each worker's first documents, and are encoded directly.
-_SP_WORD = re.compile(r" +[^ ]*")
+# cross those points), so a text's ids are the concatenation of its words' ids. Caching words (in
+# C++, csrc/word_cache.cpp) turns most of a corpus into table lookups. Models whose normalizer
+# rewrites spaces (NFKC maps U+00A0 to a space, for one) or that lack the dummy prefix break that
+# identity; they fail these probes, or the check on each process's first documents, and are then
+# encoded directly.
 _SP_PROBES = ("a b", "  a  b  ", "a\u00a0b", "a\u3000b", "a\u2009b c", "x\ty\nz w", "12345 678", " ", "",
-              "<|im_start|>user hi<|im_end|>", "é ü 漢字 x ", "a  ", "\u200bfoo bar", "ﬁ ﬀ ①", "A\u0301 b")
+              "<|im_start|>user hi<|im_end|>", "é ü 漢字 x ", "a  ", "\u200bfoo bar", "ﬁ ﬀ ①", "A\u0301 b", "x ")
 _SP_VERIFY_DOCS = 256
 _SP_CACHE_MAX = 2_000_000
 
@@ -111,73 +110,51 @@ class SentencePieceTokenizer(Tokenizer):
         self.pad = pad if pad >= 0 else self.eos
         self.eod = self.eos
         self._find_specials()
-        self._cache: dict[str, list[int]] | None = {}
+        self._wc = self._make_word_cache()
         self._verify_left = _SP_VERIFY_DOCS
-        # A lone trailing space cannot be encoded on its own (empty input has no dummy prefix):
-        # take its ids from the difference "x " - "x".
+
+    def _make_word_cache(self):
+        try:
+            from megalite import _C
+        except ImportError:
+            return None
+        # A lone trailing space cannot be encoded on its own (empty input gets no dummy prefix):
+        # its ids are the difference between "x " and "x".
         x, xs = self.sp.encode("x"), self.sp.encode("x ")
-        self._space = xs[len(x):] if xs[: len(x)] == x else None
-        if self._space is None or any(self._encode_words(p) != self.sp.encode(p) for p in _SP_PROBES):
-            self._cache = None
+        if xs[: len(x)] != x:
+            return None
+        wc = _C.WordCache(xs[len(x) :], _SP_CACHE_MAX)
+        self._wc = wc
+        for p in _SP_PROBES:
+            flat, _ = self._cached_flat([p], np.dtype(np.int64))
+            if flat.tolist() != self.sp.encode(p):
+                return None
+        return wc
 
-    def _split_and_fill(self, texts: list[str]) -> list[list[str]]:
-        """Each text's words; words not yet cached are encoded in one batched call."""
-        cache = self._cache
-        assert cache is not None
-        if len(cache) >= _SP_CACHE_MAX:
-            cache.clear()
-        # The leading space stands for the dummy prefix; each word is encoded without its first
-        # space, which the model's own dummy prefix then supplies.
-        words = [_SP_WORD.findall(" " + t) if t else [] for t in texts]
-        missing = list({w for ws in words for w in ws if w not in cache})
+    def _cached_flat(self, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        missing = self._wc.prepare(texts)
         if missing:
-            for w, ids in zip(missing, self.sp.encode([w[1:] for w in missing], num_threads=1)):
-                # A lone space cannot be encoded alone (empty input gets no dummy prefix).
-                cache[w] = ids if w != " " else list(self._space or [])
-        return words
-
-    def _encode_words(self, text: str) -> list[int]:
-        return self._encode_cached([text])[0]
-
-    def _encode_cached(self, texts: list[str]) -> list[list[int]]:
-        cache = self._cache
-        assert cache is not None
-        out = []
-        for ws in self._split_and_fill(texts):
-            ids: list[int] = []
-            for piece in map(cache.__getitem__, ws):
-                ids.extend(piece)
-            out.append(ids)
-        return out
+            self._wc.fill(self.sp.encode(missing, num_threads=1))
+        return self._wc.assemble(dtype)
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        if self._cache is None:
-            return self.sp.encode(texts, num_threads=1)
-        out = self._encode_cached(texts)
+        return self.sp.encode(texts, num_threads=1)
+
+    def encode_batch_flat(self, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        if self._wc is None:
+            return super().encode_batch_flat(texts, dtype)
+        flat, lengths = self._cached_flat(texts, np.dtype(dtype))
         if self._verify_left > 0:
             k = min(self._verify_left, len(texts))
             self._verify_left -= k
-            if out[:k] != self.sp.encode(texts[:k], num_threads=1):
-                self._cache = None  # the word identity does not hold for this model: encode directly
-                return self.sp.encode(texts, num_threads=1)
-        return out
-
-    def encode_batch_flat(self, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-        if self._cache is None or self._verify_left > 0:
-            return super().encode_batch_flat(texts, dtype)
-        cache = self._cache
-        flat: list[int] = []
-        ext = flat.extend
-        lengths = np.empty(len(texts), dtype=np.int64)
-        for i, ws in enumerate(self._split_and_fill(texts)):
-            start = len(flat)
-            for piece in map(cache.__getitem__, ws):
-                ext(piece)
-            lengths[i] = len(flat) - start
-        return np.array(flat, dtype=dtype), lengths
+            direct = self.sp.encode(texts[:k], num_threads=1)
+            if flat[: int(lengths[:k].sum())].tolist() != [t for ids in direct for t in ids]:
+                self._wc = None  # the word identity does not hold for this model: encode directly
+                return super().encode_batch_flat(texts, dtype)
+        return flat, lengths
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([int(i) for i in ids])

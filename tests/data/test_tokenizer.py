@@ -76,3 +76,20 @@ def test_errors_are_config_errors(tmp_path):
     (tmp_path / "junk.model").write_bytes(b"junk")
     with pytest.raises(ConfigError, match="cannot load sentencepiece"):
         build_tokenizer("sentencepiece", str(tmp_path / "junk.model"))
+
+
+def test_sentencepiece_word_cache_is_exact(trained):
+    """The C++ word cache must reproduce the model's own encoding on awkward whitespace and text."""
+    import random
+
+    tok = build_tokenizer("sentencepiece", str(trained["sentencepiece"]))
+    assert tok._wc is not None
+    rnd = random.Random(0)
+    alphabet = list("ab xyz  \t\n.,é漢0123") + ["\u00a0", "  ", "<|im_start|>", "def ", "    return"]
+    texts = ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 40))) for _ in range(3000)]
+    tok._verify_left = 0  # exercise the cached path only
+    for dtype in (np.uint16, np.int32):
+        flat, lengths = tok.encode_batch_flat(texts, np.dtype(dtype))
+        direct = tok.sp.encode(texts)
+        assert lengths.tolist() == [len(d) for d in direct]
+        assert flat.tolist() == [t for d in direct for t in d]
