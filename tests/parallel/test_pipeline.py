@@ -4,7 +4,9 @@ backwards must be the schedule's (1F1B keeps at most pp - rank micro-batches in 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -89,6 +91,13 @@ class _Recording(schedules_mod._Steps):
         return super().backward(inp, out, grad)
 
 
+@contextlib.contextmanager
+def _NoSync() -> Iterator[None]:  # noqa: N802 (stands in for DataParallel.no_sync)
+    """Logs that a backward runs with DP grad reduction deferred."""
+    _Recording.events.append(("N", -1, -1))
+    yield
+
+
 def _pp_worker(rank: int, world: int, cases: list[dict]):
     results = []
     for case in cases:
@@ -108,7 +117,8 @@ def _pp_worker(rank: int, world: int, cases: list[dict]):
         try:
             mbs = _micro_batches(case["m"])
             fn = SCHEDULE_FNS[par.pipeline_schedule]
-            loss = fn(chunks, mbs, ps, num_tokens=_num_tokens(mbs), forward_only=case.get("forward_only", False))
+            loss = fn(chunks, mbs, ps, num_tokens=_num_tokens(mbs), forward_only=case.get("forward_only", False),
+                      no_sync=_NoSync)
         finally:
             schedules_mod._Steps = steps_cls
         grads = {}
@@ -143,6 +153,10 @@ def _check_order(case: dict, res: dict, pp: int) -> None:
     if case.get("forward_only"):
         assert len(fwd) == len(events)
         return
+    # Grad reduction is deferred (no_sync) in every backward but the rank's last one.
+    kinds = "".join(e[0] for e in events if e[0] in "BN")
+    assert kinds == "BN" * (m * v - 1) + "B", kinds
+    events = [e for e in events if e[0] != "N"]
     in_flight = peak = 0
     for e in events:
         in_flight += 1 if e[0] == "F" else -1

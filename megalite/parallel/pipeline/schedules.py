@@ -11,6 +11,8 @@ Every micro-batch's loss is `token_losses.sum() / num_tokens` (times `loss_scale
 scale), so accumulated grads equal those of the whole step. The return value is the detached sum of token losses this rank computed (the last
 stage's; zero elsewhere).
 
+`comm` replaces the p2p exchange (simulate.py passes one that records instead of sending).
+
 `no_sync` is an optional context-manager factory (the data-parallel grad reducer's): every
 backward but the rank's last runs inside it, so gradient all-reduces start only during the last
 micro-batch's backward.
@@ -39,17 +41,20 @@ class _Steps:
     """Forward and backward of one (chunk, micro-batch); keeps the loss sum and grad-sync gating."""
 
     def __init__(self, chunks: list[nn.Module], micro_batches: list[MicroBatch], ps: ParallelState,
-                 num_tokens: float, forward_only: bool, loss_scale: float, no_sync: NoSync) -> None:
+                 num_tokens: float, forward_only: bool, loss_scale: float, no_sync: NoSync,
+                 comm: PipelineComm | None) -> None:
         self.chunks, self.micro_batches, self.ps = chunks, micro_batches, ps
         self.forward_only, self.no_sync = forward_only, no_sync
         self.loss_factor = loss_scale / num_tokens
         self.backwards_left = len(chunks) * len(micro_batches)
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=ps.device)
-        first = micro_batches[0]["tokens"]
-        param = next(chunks[0].parameters())
-        hidden = chunks[0].cfg.hidden_size  # type: ignore[union-attr]
-        self.comm = PipelineComm(ps, activation_shape(first.shape[1], first.shape[0], hidden, ps),
-                                 param.dtype, param.device)
+        if comm is None:
+            first = micro_batches[0]["tokens"]
+            param = next(chunks[0].parameters())
+            hidden = chunks[0].cfg.hidden_size  # type: ignore[union-attr]
+            comm = PipelineComm(ps, activation_shape(first.shape[1], first.shape[0], hidden, ps),
+                                param.dtype, param.device)
+        self.comm = comm
 
     def forward(self, chunk_id: int, mb_id: int, input_tensor: torch.Tensor | None) -> torch.Tensor:
         model, mb = self.chunks[chunk_id], self.micro_batches[mb_id]
@@ -81,11 +86,11 @@ class _Steps:
 
 def forward_backward_afab(chunks: list[nn.Module], micro_batches: list[MicroBatch], ps: ParallelState, *,
                           num_tokens: float, forward_only: bool = False, loss_scale: float = 1.0,
-                          no_sync: NoSync = None) -> torch.Tensor:
+                          no_sync: NoSync = None, comm: PipelineComm | None = None) -> torch.Tensor:
     """All forwards, then all backwards (GPipe). The reference schedule: simplest, but it keeps the
     activations of every micro-batch alive at once."""
     (model,) = chunks
-    steps = _Steps(chunks, micro_batches, ps, num_tokens, forward_only, loss_scale, no_sync)
+    steps = _Steps(chunks, micro_batches, ps, num_tokens, forward_only, loss_scale, no_sync, comm)
     comm = steps.comm
     saved = []
     for i in range(len(micro_batches)):
@@ -102,11 +107,11 @@ def forward_backward_afab(chunks: list[nn.Module], micro_batches: list[MicroBatc
 
 def forward_backward_1f1b(chunks: list[nn.Module], micro_batches: list[MicroBatch], ps: ParallelState, *,
                           num_tokens: float, forward_only: bool = False, loss_scale: float = 1.0,
-                          no_sync: NoSync = None) -> torch.Tensor:
+                          no_sync: NoSync = None, comm: PipelineComm | None = None) -> torch.Tensor:
     """1F1B (PipeDream-flush): stage r runs pp-r-1 warm-up forwards, then alternates one forward
     and one backward, then drains. Same bubble as AFAB, but at most pp micro-batches in flight."""
     (model,) = chunks
-    steps = _Steps(chunks, micro_batches, ps, num_tokens, forward_only, loss_scale, no_sync)
+    steps = _Steps(chunks, micro_batches, ps, num_tokens, forward_only, loss_scale, no_sync, comm)
     comm = steps.comm
     m = len(micro_batches)
     warmup = min(ps.pp - ps.pp_rank - 1, m)
@@ -150,7 +155,7 @@ def forward_backward_1f1b(chunks: list[nn.Module], micro_batches: list[MicroBatc
 
 def forward_backward_interleaved(chunks: list[nn.Module], micro_batches: list[MicroBatch], ps: ParallelState, *,
                                  num_tokens: float, forward_only: bool = False, loss_scale: float = 1.0,
-                                 no_sync: NoSync = None) -> torch.Tensor:
+                                 no_sync: NoSync = None, comm: PipelineComm | None = None) -> torch.Tensor:
     """Interleaved 1F1B (Megatron): each rank holds v chunks, so a micro-batch crosses it v times
     and the warm-up/drain bubble shrinks by v. Micro-batches go in groups of pp: the rank runs
     chunk 0 for pp of them, then chunk 1 for the same pp, ..., so the count must be a multiple of pp.
@@ -159,7 +164,7 @@ def forward_backward_interleaved(chunks: list[nn.Module], micro_batches: list[Mi
     m = len(micro_batches)
     if m % pp != 0:
         raise ValueError(f"interleaved schedule: {m} micro-batches is not a multiple of pp={pp}")
-    steps = _Steps(chunks, micro_batches, ps, num_tokens, forward_only, loss_scale, no_sync)
+    steps = _Steps(chunks, micro_batches, ps, num_tokens, forward_only, loss_scale, no_sync, comm)
     comm = steps.comm
     total = m * v
     first_rank, last_rank = rank == 0, rank == pp - 1
