@@ -11,11 +11,6 @@ import functools
 import os
 
 import torch
-import triton
-
-# Largest row segment a program holds in registers at once. Rows wider than this are processed
-# in a loop over column blocks (two passes over the row, the second one mostly from L2).
-MAX_FUSED_BLOCK = 8192
 
 
 def interpreting() -> bool:
@@ -48,10 +43,6 @@ def num_programs(device: torch.device, rows: int, per_sm: int = 4) -> int:
     else:
         target = 4
     return max(1, min(rows, target))
-
-
-def row_block(n_cols: int) -> int:
-    return min(triton.next_power_of_2(n_cols), MAX_FUSED_BLOCK)
 
 
 def warps_for(block: int) -> int:

@@ -1,9 +1,10 @@
 """RMSNorm in Triton: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps), optionally on h = x + residual.
 
 Forward: one program per row, statistics in fp32, rstd saved (one float per row) for backward.
-Rows up to MAX_FUSED_BLOCK wide live in registers; wider rows (up to 64k and beyond) take two passes
-over column blocks instead of one giant block, which is what makes very wide rows collapse elsewhere
-(register spills at 64k).
+Rows up to FWD_MAX_BLOCK wide live in registers (at most 32 fp32 values per thread with 32 warps);
+wider rows (64k and beyond) take two passes over column blocks instead of one giant block, the
+register spill that makes very wide rows collapse elsewhere. Backward holds four row-sized values
+per element, so its in-register limit (BWD_MAX_BLOCK) is lower.
 
 Backward: a fixed number of persistent programs each walk a strided set of rows, accumulate their
 share of dW in fp32 (in registers for narrow rows, in their own row of a [programs, hidden] buffer
@@ -17,15 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-from megalite.kernels._common import (
-    MAX_FUSED_BLOCK,
-    as_rows,
-    check_device,
-    check_float,
-    num_programs,
-    row_block,
-    warps_for,
-)
+from megalite.kernels._common import as_rows, check_device, check_float, num_programs, warps_for
+
+FWD_MAX_BLOCK = 32768
+BWD_MAX_BLOCK = 16384
+
+
+def _block(n_cols: int, limit: int) -> int:
+    return min(triton.next_power_of_2(n_cols), limit)
 
 
 @triton.jit
@@ -150,11 +150,11 @@ class _RMSNormFn(torch.autograd.Function):
         y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
         h = torch.empty_like(y) if has_res else y
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        block = row_block(n_cols)
+        block = _block(n_cols, FWD_MAX_BLOCK)
         if n_rows > 0:
             _rms_fwd_kernel[(n_rows,)](
                 x2, r2, w, y, h, rstd, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0),
-                n_cols, eps, HAS_RES=has_res, BLOCK=block, SINGLE=n_cols <= MAX_FUSED_BLOCK,
+                n_cols, eps, HAS_RES=has_res, BLOCK=block, SINGLE=n_cols <= FWD_MAX_BLOCK,
                 num_warps=warps_for(block))
         ctx.save_for_backward(h if has_res else x2, w, rstd)
         ctx.has_res = has_res
@@ -172,10 +172,10 @@ class _RMSNormFn(torch.autograd.Function):
         dh2 = as_rows(dh, "rms_norm: grad") if has_dh else dy2
         dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
         progs = num_programs(x2.device, n_rows)
-        single = n_cols <= MAX_FUSED_BLOCK
+        single = n_cols <= BWD_MAX_BLOCK
         alloc = torch.empty if single else torch.zeros
         dw_part = alloc((progs, n_cols), dtype=torch.float32, device=x2.device)
-        block = row_block(n_cols)
+        block = _block(n_cols, BWD_MAX_BLOCK)
         if n_rows > 0:
             _rms_bwd_kernel[(progs,)](
                 dy2, x2, w, rstd, dh2, dx, dw_part, dy2.stride(0), x2.stride(0), dh2.stride(0),

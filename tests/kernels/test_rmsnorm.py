@@ -34,16 +34,28 @@ def _ref(x, w, r, dy, dh):
     return (y,), [t.grad for t in leaves]
 
 
+@pytest.fixture(params=["registers", "looped"])
+def block_path(request, monkeypatch):
+    """Runs each case twice: as shipped, and with tiny in-register limits so that every row takes
+    the looped (wide-row) paths, which otherwise need 64k-wide rows."""
+    if request.param == "looped":
+        from megalite.kernels import rmsnorm as mod
+
+        monkeypatch.setattr(mod, "FWD_MAX_BLOCK", 512)
+        monkeypatch.setattr(mod, "BWD_MAX_BLOCK", 256)
+    return request.param
+
+
 @pytest.mark.parametrize("shape,dtype,residual", [
     ((1, 4099), torch.float32, False),          # a single row, odd hidden
     ((3, 5, 4099), torch.float32, True),        # [s, b, h] with the residual fused
     ((3, 5, 4099), torch.bfloat16, True),
     ((7, 1024), torch.bfloat16, False),
     ((6, 1000), torch.float16, True),
-    ((2, 3, 20011), torch.float32, True),       # wider than one register block: the looped paths
+    ((2, 3, 20011), torch.float32, True),
     ((3, 20011), torch.bfloat16, False),
 ])
-def test_rms_norm_matches_float64(shape, dtype, residual):
+def test_rms_norm_matches_float64(shape, dtype, residual, block_path):
     g = torch.Generator().manual_seed(hash((shape, str(dtype), residual)) % 2**31)
     h = shape[-1]
     mk = lambda *s: torch.randn(*s, generator=g).to(DEVICE)
@@ -61,6 +73,21 @@ def test_rms_norm_matches_float64(shape, dtype, residual):
         # dw sums over rows: its tolerance grows with the row count in low precision.
         scale = (n_rows ** 0.5) * 4 if name == "dw" and dtype != torch.float32 else 1.0
         assert_close64(a, b, dtype, name, scale=scale)
+
+
+def test_64k_hidden_takes_the_looped_path():
+    from megalite.kernels import rmsnorm as mod
+
+    x = torch.randn(2, 65536, generator=torch.Generator().manual_seed(9)).to(DEVICE).requires_grad_()
+    w = torch.rand(65536, generator=torch.Generator().manual_seed(10)).to(DEVICE).requires_grad_()
+    assert 65536 > mod.FWD_MAX_BLOCK and 65536 > mod.BWD_MAX_BLOCK
+    y = rms_norm(x, w, 1e-5)
+    y.sum().backward()
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    rms_norm_ref(x64, w64, 1e-5).sum().backward()
+    assert_close64(y, rms_norm_ref(x64, w64, 1e-5), torch.float32, "y")
+    assert_close64(x.grad, x64.grad, torch.float32, "dx")
+    assert_close64(w.grad, w64.grad, torch.float32, "dw")
 
 
 def test_strided_rows_and_fp32_weight_with_bf16_input():
