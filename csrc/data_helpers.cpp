@@ -312,12 +312,26 @@ void gather_rows(const Tok* tokens, const int64_t* elem_ptr, const int32_t* size
 py::array gather_samples(py::array tokens, py::array_t<int64_t, py::array::c_style> elem_ptr,
                          py::array_t<int32_t, py::array::c_style> sizes, py::array document_index,
                          py::array sample_index, py::array_t<int64_t, py::array::c_style | py::array::forcecast> samples,
-                         int64_t seq_len, int64_t extra) {
+                         int64_t seq_len, int64_t extra, py::object shuffle_index) {
   IndexView doc_idx(document_index, "document_index");
   IndexView sample_idx(sample_index, "sample_index");
   int64_t B = samples.size(), row_len = seq_len + extra;
   int64_t num_samples = sample_idx.n / 2 - 1;
-  const int64_t* ids = samples.data();
+  // Positions in the served order map to samples through the shuffle index, when one is given.
+  std::vector<int64_t> mapped(static_cast<size_t>(B));
+  const int64_t* pos = samples.data();
+  if (!shuffle_index.is_none()) {
+    py::array sh = shuffle_index.cast<py::array>();
+    IndexView shuffle(sh, "shuffle_index");
+    for (int64_t r = 0; r < B; ++r) {
+      if (pos[r] < 0 || pos[r] >= shuffle.n)
+        throw std::out_of_range("position " + std::to_string(pos[r]) + " outside [0, " + std::to_string(shuffle.n) + ")");
+      mapped[r] = shuffle[pos[r]];
+    }
+  } else {
+    std::copy(pos, pos + B, mapped.begin());
+  }
+  const int64_t* ids = mapped.data();
   for (int64_t r = 0; r < B; ++r)
     if (ids[r] < 0 || ids[r] >= num_samples)
       throw std::out_of_range("sample " + std::to_string(ids[r]) + " outside [0, " + std::to_string(num_samples) + ")");
@@ -357,5 +371,6 @@ void register_data_helpers(py::module_& m) {
         "(dataset index int16, sample-within-dataset int64) for a smallest-error weighted mix.");
   m.def("gather_samples", &gather_samples, py::arg("tokens"), py::arg("elem_ptr"), py::arg("sizes"),
         py::arg("document_index"), py::arg("sample_index"), py::arg("samples"), py::arg("seq_len"),
-        py::arg("extra") = 1, "[B, seq_len+extra] int64 rows for the given sample ids.");
+        py::arg("extra") = 1, py::arg("shuffle_index") = py::none(),
+        "[B, seq_len+extra] int64 rows for the given sample ids (positions in shuffle_index if given).");
 }

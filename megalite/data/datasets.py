@@ -89,7 +89,11 @@ class GPTDataset(Sequence):
             self.shuffle_index = np.load(d / "shuffle_index.npy", mmap_mode="r")
         else:
             self.doc_index, self.sample_index, self.shuffle_index = self._build()
+        # Plain ndarray views: np.memmap's Python-level indexing costs more than a whole gather.
+        self.doc_index, self.sample_index, self.shuffle_index = (
+            a.view(np.ndarray) for a in (self.doc_index, self.sample_index, self.shuffle_index))
         self._sizes = np.ascontiguousarray(shard.sizes)
+        self._gather = _C().gather_samples
 
     def _build(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ext = _C()
@@ -115,15 +119,14 @@ class GPTDataset(Sequence):
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """[len(indices), seq_len+1] int64 rows, gathered in C++ straight from the mapped shard."""
-        ids = np.asarray(self.shuffle_index[np.asarray(indices, dtype=np.int64)], dtype=np.int64)
-        return _C().gather_samples(self.shard.tokens, self.shard.elem_ptr, self._sizes, self.doc_index,
-                                   self.sample_index, ids, self.seq_len, 1)
+        return self._gather(self.shard.tokens, self.shard.elem_ptr, self._sizes, self.doc_index, self.sample_index,
+                            np.asarray(indices, dtype=np.int64), self.seq_len, 1, self.shuffle_index)
 
     def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"sample {i} outside a dataset of {n}")
-        return self.get_batch([i % n])[0]
+        return self.get_batch((i % n,))[0]
 
 
 class BlendedDataset(Sequence):
