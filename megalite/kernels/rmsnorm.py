@@ -171,11 +171,13 @@ class _RMSNormFn(torch.autograd.Function):
         has_dh = ctx.has_res and dh is not None
         dh2 = as_rows(dh, "rms_norm: grad") if has_dh else dy2
         dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
-        progs = num_programs(x2.device, n_rows)
+        # Enough resident programs per SM (up to 32 warps' worth) that while one waits on a row's
+        # loads others compute: the row loop is latency-bound otherwise, a fixed floor at small sizes.
+        block = _block(n_cols, BWD_MAX_BLOCK)
+        progs = num_programs(x2.device, n_rows, per_sm=max(1, 32 // warps_for(block)))
         single = n_cols <= BWD_MAX_BLOCK
         alloc = torch.empty if single else torch.zeros
         dw_part = alloc((progs, n_cols), dtype=torch.float32, device=x2.device)
-        block = _block(n_cols, BWD_MAX_BLOCK)
         if n_rows > 0:
             _rms_bwd_kernel[(progs,)](
                 dy2, x2, w, rstd, dh2, dx, dw_part, dy2.stride(0), x2.stride(0), dh2.stride(0),
