@@ -282,10 +282,10 @@ py::tuple build_blending_indices(py::array_t<double, py::array::c_style | py::ar
 
 // ---------------------------------------------------------------------------------------------
 // Gather: rows of tokens for a batch of (already shuffled) sample ids, as int64, without the GIL.
-// `pointers` are element offsets of each sequence in `tokens` (byte pointers / item size).
+// `pointers` are the .idx byte offsets of each sequence in `tokens`.
 
 template <typename Tok>
-void gather_rows(const Tok* tokens, const int64_t* elem_ptr, const int32_t* sizes, const IndexView& doc_idx,
+void gather_rows(const Tok* tokens, const int64_t* pointers, const int32_t* sizes, const IndexView& doc_idx,
                  const IndexView& sample_idx, const int64_t* samples, int64_t B, int64_t row_len, int64_t extra,
                  int64_t* out) {
   for (int64_t r = 0; r < B; ++r) {
@@ -300,7 +300,7 @@ void gather_rows(const Tok* tokens, const int64_t* elem_ptr, const int32_t* size
       int64_t end = d == d1 ? o1 + extra : sizes[doc];
       end = std::min<int64_t>(end, sizes[doc]);
       int64_t n = std::min(end - begin, row_len - filled);
-      const Tok* src = tokens + elem_ptr[doc] + begin;
+      const Tok* src = tokens + pointers[doc] / static_cast<int64_t>(sizeof(Tok)) + begin;
       for (int64_t i = 0; i < n; ++i) dst[filled + i] = static_cast<int64_t>(src[i]);
       filled += std::max<int64_t>(n, 0);
     }
@@ -309,7 +309,7 @@ void gather_rows(const Tok* tokens, const int64_t* elem_ptr, const int32_t* size
   }
 }
 
-py::array gather_samples(py::array tokens, py::array_t<int64_t, py::array::c_style> elem_ptr,
+py::array gather_samples(py::array tokens, py::array_t<int64_t, py::array::c_style> pointers,
                          py::array_t<int32_t, py::array::c_style> sizes, py::array document_index,
                          py::array sample_index, py::array_t<int64_t, py::array::c_style | py::array::forcecast> samples,
                          int64_t seq_len, int64_t extra, py::object shuffle_index) {
@@ -340,7 +340,7 @@ py::array gather_samples(py::array tokens, py::array_t<int64_t, py::array::c_sty
   char kind = tokens.dtype().kind();
   size_t is = tokens.itemsize();
   const void* t = tokens.data();
-  const int64_t* ep = elem_ptr.data();
+  const int64_t* ep = pointers.data();
   const int32_t* sz = sizes.data();
   py::gil_scoped_release nogil;
   if (kind == 'u' && is == 2) gather_rows(static_cast<const uint16_t*>(t), ep, sz, doc_idx, sample_idx, ids, B, row_len, extra, o);
@@ -369,7 +369,7 @@ void register_data_helpers(py::module_& m) {
         "[num_samples+1, 2] window boundaries (doc_idx position, offset), Megatron's layout.");
   m.def("build_blending_indices", &build_blending_indices, py::arg("weights"), py::arg("size"),
         "(dataset index int16, sample-within-dataset int64) for a smallest-error weighted mix.");
-  m.def("gather_samples", &gather_samples, py::arg("tokens"), py::arg("elem_ptr"), py::arg("sizes"),
+  m.def("gather_samples", &gather_samples, py::arg("tokens"), py::arg("pointers"), py::arg("sizes"),
         py::arg("document_index"), py::arg("sample_index"), py::arg("samples"), py::arg("seq_len"),
         py::arg("extra") = 1, py::arg("shuffle_index") = py::none(),
         "[B, seq_len+extra] int64 rows for the given sample ids (positions in shuffle_index if given).");

@@ -119,7 +119,7 @@ class GPTDataset(Sequence):
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """[len(indices), seq_len+1] int64 rows, gathered in C++ straight from the mapped shard."""
-        return self._gather(self.shard.tokens, self.shard.elem_ptr, self._sizes, self.doc_index, self.sample_index,
+        return self._gather(self.shard.tokens, self.shard.pointers, self._sizes, self.doc_index, self.sample_index,
                             np.asarray(indices, dtype=np.int64), self.seq_len, 1, self.shuffle_index)
 
     def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]

@@ -111,11 +111,27 @@ class IndexedDataset(Sequence):
                 f"({'truncated' if bin_bytes < expected_bin else 'trailing data'})")
         if s and self.pointers[0] != 0:
             raise IndexedDatasetError(f"{idx_path}: the first pointer is {self.pointers[0]}, not 0")
-        # Element offsets of each sequence, checked against the sizes in one vectorized pass.
-        self.elem_ptr = self.pointers // item
-        if s > 1 and not np.array_equal(np.diff(self.elem_ptr), self.sizes[:-1].astype(np.int64)):
-            raise IndexedDatasetError(f"{idx_path}: pointers disagree with sequence sizes (corrupt)")
+        self._item = item
+        self._check_pointers(idx_path)
         self.tokens = np.frombuffer(_map(bin_path), self.dtype)
+
+    def _check_pointers(self, idx_path: str) -> None:
+        """Pointers must be the running sum of the sizes: checked in full up to 16M sequences, at
+        a fixed sample of positions beyond (opening a huge shard must stay cheap on every rank)."""
+        s = len(self.sizes)
+        if s < 2:
+            return
+        if s <= 1 << 24:
+            at = np.arange(s - 1)
+        else:
+            at = np.unique(np.concatenate([np.arange(4096), np.linspace(0, s - 2, 1 << 16).astype(np.int64),
+                                           np.arange(s - 4097, s - 1)]))
+        step = (self.pointers[at + 1] - self.pointers[at]) // self._item
+        if not np.array_equal(step, self.sizes[at].astype(np.int64)):
+            raise IndexedDatasetError(f"{idx_path}: pointers disagree with sequence sizes (corrupt)")
+
+    def _start(self, i: int) -> int:
+        return int(self.pointers[i]) // self._item
 
     @property
     def num_tokens(self) -> int:
@@ -131,11 +147,11 @@ class IndexedDataset(Sequence):
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        p = int(self.elem_ptr[i])
+        p = self._start(i)
         return self.tokens[p : p + int(self.sizes[i])]
 
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
-        p, n = int(self.elem_ptr[i]), int(self.sizes[i])
+        p, n = self._start(i), int(self.sizes[i])
         end = n if length is None else min(n, offset + length)
         return self.tokens[p + offset : p + end]
 
@@ -144,7 +160,7 @@ class IndexedDataset(Sequence):
         a, b = int(self.doc_idx[j]), int(self.doc_idx[j + 1])
         if a == b:
             return self.tokens[:0]
-        return self.tokens[int(self.elem_ptr[a]) : int(self.elem_ptr[b - 1]) + int(self.sizes[b - 1])]
+        return self.tokens[self._start(a) : self._start(b - 1) + int(self.sizes[b - 1])]
 
     def document_sizes(self) -> np.ndarray:
         """Tokens per document (int32), the unit the GPT dataset packs and splits by."""
@@ -209,6 +225,24 @@ class IndexedDatasetWriter:
     @property
     def num_documents(self) -> int:
         return self._b.num_documents
+
+    def _check_pointers(self, idx_path: str) -> None:
+        """Pointers must be the running sum of the sizes: checked in full up to 16M sequences, at
+        a fixed sample of positions beyond (opening a huge shard must stay cheap on every rank)."""
+        s = len(self.sizes)
+        if s < 2:
+            return
+        if s <= 1 << 24:
+            at = np.arange(s - 1)
+        else:
+            at = np.unique(np.concatenate([np.arange(4096), np.linspace(0, s - 2, 1 << 16).astype(np.int64),
+                                           np.arange(s - 4097, s - 1)]))
+        step = (self.pointers[at + 1] - self.pointers[at]) // self._item
+        if not np.array_equal(step, self.sizes[at].astype(np.int64)):
+            raise IndexedDatasetError(f"{idx_path}: pointers disagree with sequence sizes (corrupt)")
+
+    def _start(self, i: int) -> int:
+        return int(self.pointers[i]) // self._item
 
     @property
     def num_tokens(self) -> int:

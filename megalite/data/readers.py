@@ -54,8 +54,8 @@ def _jsonl_chunks(path: str, done_before: int, total: int, chunk_bytes: int) -> 
         while True:
             try:
                 block = stream.read(chunk_bytes)
-            except (OSError, EOFError, ValueError) as e:
-                raise ValueError(f"{path}: cannot decompress near line {line}: {e}") from None
+            except Exception as e:  # noqa: BLE001 - gzip, zstandard and the OS raise unrelated types
+                raise ValueError(f"{path}: cannot read/decompress near line {line}: {e}") from None
             if not block:
                 break
             block = tail + block

@@ -80,3 +80,46 @@ def test_blending_error_bound(trial):
     # The greedy "largest deficit" rule keeps every prefix within one sample of its target.
     assert worst < 1.0 + 1e-9, worst
     assert which.dtype == np.int16 and within.dtype == np.int64
+
+
+def _reference_walk(sizes, doc_index, seq_len, total, drop_last, extra):
+    """A direct, slow statement of the layout: walk the document stream sample by sample."""
+    usable = total - extra
+    n = usable // seq_len if drop_last else -(-usable // seq_len)
+    rows = [(0, 0)]
+    d, off = 0, 0
+    for _ in range(n):
+        need = seq_len + extra  # tokens this window still needs, counting the shared boundary token
+        while True:
+            avail = int(sizes[doc_index[d]]) - off
+            need -= avail
+            if need <= 0:
+                off += avail + need - extra
+                break
+            if d == len(doc_index) - 1:  # the stream ran out: a kept partial last window
+                off = int(sizes[doc_index[d]]) - extra
+                break
+            d, off = d + 1, 0
+        rows.append((d, off))
+    return np.array(rows, dtype=np.int64)
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_sample_index_matches_reference_walk(trial):
+    rng = np.random.default_rng(1000 + trial)
+    n_docs = int(rng.integers(1, 40))
+    sizes = rng.integers(0, 25, n_docs).astype(np.int32)
+    if trial % 4 == 0:
+        sizes[int(rng.integers(n_docs))] = 300
+    sizes[0] = max(sizes[0], 3)
+    epochs = int(rng.integers(1, 3))
+    doc_index = _C.build_document_index(np.arange(n_docs), epochs, trial)
+    total = epochs * int(sizes.sum())
+    for drop_last in (True, False):
+        for extra in (0, 1):
+            seq_len = int(rng.integers(1, 30))
+            if total - extra <= 0:
+                continue
+            got = _C.build_sample_idx(sizes, doc_index, seq_len, epochs, int(sizes.sum()), drop_last, extra, 1)
+            want = _reference_walk(sizes, doc_index, seq_len, total, drop_last, extra)
+            np.testing.assert_array_equal(got, want)
