@@ -184,6 +184,14 @@ def _weight(v: Any, where: str) -> float:
     return w
 
 
+def _is_number(x: str) -> bool:
+    try:
+        float(x.rstrip("%"))
+    except ValueError:
+        return False
+    return True
+
+
 def parse_blend(spec: Any, where: str = "data.path") -> list[tuple[str, float | None]]:
     """[(prefix, weight or None)]; None weights mean "in proportion to the shard's tokens"."""
     if isinstance(spec, str) and spec.endswith((".yaml", ".yml")):
@@ -199,10 +207,15 @@ def parse_blend(spec: Any, where: str = "data.path") -> list[tuple[str, float | 
         entries = parse_blend(data, str(p))
         base = p.parent
         return [(e if os.path.isabs(e) or indexed.exists(e) else str(base / e), w) for e, w in entries]
+    if isinstance(spec, str) and len(spec.split()) > 1:
+        spec = spec.split()  # Megatron's --data-path: "0.3 web 0.7 code" or "web code"
     if isinstance(spec, str):
         return [(spec, 1.0)]
     if isinstance(spec, (list, tuple)):
-        return [(str(s), None) for s in spec]
+        items = [str(s) for s in spec]
+        if len(items) % 2 == 0 and items and all(_is_number(w) for w in items[::2]):
+            return [(p, _weight(w, where)) for w, p in zip(items[::2], items[1::2])]
+        return [(s, None) for s in items]
     if isinstance(spec, dict):
         out = []
         for k, v in spec.items():

@@ -92,6 +92,14 @@ def test_blend_from_yaml_weights_and_num_samples(tmp_path):
     assert valid is not None
 
 
+def test_megatron_style_weighted_list(tmp_path):
+    from megalite.data.datasets import parse_blend
+
+    assert parse_blend("0.3 a 0.7 b") == [("a", 0.3), ("b", 0.7)]
+    assert parse_blend(["0.3", "a", "70%", "b"]) == [("a", 0.3), ("b", 70.0)]
+    assert parse_blend(["a", "b"]) == [("a", None), ("b", None)]
+
+
 def test_curriculum_changes_weights_by_step(tmp_path):
     a, b = _shard(tmp_path, "a", seed=1), _shard(tmp_path, "b", seed=2)
     cfg = DataConfig(path={a: 1.0}, cache_dir=str(tmp_path / "cache"),
