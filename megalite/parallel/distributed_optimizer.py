@@ -178,17 +178,23 @@ class BufferOptimizer:
 
     # -- memory accounting ----------------------------------------------------------------------
     def memory_report(self) -> dict[str, float]:
-        """Bytes this rank holds, measured from the tensors, next to the ZeRO-1 formula."""
+        """Bytes this rank holds, measured from the allocated tensors, next to the ZeRO-1 formula
+        (b + b + K / N_d) * psi, where psi counts this rank's parameters straight from the model,
+        b is bytes per parameter/grad element and K the optimizer bytes per parameter: 8 for fp32
+        Adam m and v (fp32 parameters double as master weights), 12 with a separate master copy.
+        The buffers pad every bucket to a multiple of N_d, so measured may exceed the formula by
+        at most (N_d - 1) elements per bucket."""
         d = self.ddp
-        psi = d.numel  # parameters of this model-parallel rank (incl. the per-bucket padding)
+        psi = sum(p.numel() for c in d.chunks for p in c.parameters() if p.requires_grad)
         b = d.param_data.element_size()
         nd = d.dp if self.sharded else 1
-        k = 8 + (4 if self.separate_master else 0)  # fp32 Adam m, v (+ fp32 master)
+        k = 8 + (4 if self.separate_master else 0)
         state = self.exp_avg + self.exp_avg_sq + (self.master if self.separate_master else [])
         measured = {"params": d.param_data.numel() * b, "grads": d.grad_data.numel() * d.grad_data.element_size(),
                     "optimizer": sum(t.numel() * t.element_size() for t in state)}
         formula = {"params": psi * b, "grads": psi * b, "optimizer": psi * k / nd}
-        return {"psi": psi, "unpadded_psi": d.num_params, "bytes_per_param": b, "k": k, "nd": nd,
+        slack = len(d.buckets) * (d.dp - 1) * (b + b + k / nd)
+        return {"psi": psi, "bytes_per_param": b, "k": k, "nd": nd, "padding_slack": slack,
                 **{f"measured_{n}": float(v) for n, v in measured.items()},
                 **{f"formula_{n}": float(v) for n, v in formula.items()}}
 
@@ -197,12 +203,14 @@ class BufferOptimizer:
         mib = 2.0**20
         meas = r["measured_params"] + r["measured_grads"] + r["measured_optimizer"]
         form = r["formula_params"] + r["formula_grads"] + r["formula_optimizer"]
+        ok = 0 <= meas - form <= r["padding_slack"]
         kind = "ZeRO-1" if self.sharded else "replicated"
         b = r["bytes_per_param"]
-        return (f"memory/rank ({kind}): params {r['measured_params'] / mib:.2f} MiB, grads "
-                f"{r['measured_grads'] / mib:.2f} MiB, optimizer {r['measured_optimizer'] / mib:.2f} MiB, "
-                f"total {meas / mib:.2f} MiB | ZeRO-1 formula ({b}+{b}+{r['k']}/{r['nd']})*psi, psi={r['psi']:,}: "
-                f"{form / mib:.2f} MiB ({'match' if abs(meas - form) < 1 else 'MISMATCH'})")
+        return (f"memory/rank ({kind}): params {r['measured_params'] / mib:.3f} MiB, grads "
+                f"{r['measured_grads'] / mib:.3f} MiB, optimizer state {r['measured_optimizer'] / mib:.3f} MiB, "
+                f"total {meas / mib:.3f} MiB | ZeRO-1 formula ({b}+{b}+{r['k']}/{r['nd']}) x psi, "
+                f"psi={r['psi']:,}: {form / mib:.3f} MiB ({'match' if ok else 'MISMATCH'}, "
+                f"+{meas - form:,.0f} B bucket padding)")
 
 
 class DistributedOptimizer(BufferOptimizer):

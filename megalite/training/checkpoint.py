@@ -18,6 +18,7 @@ thread. The next save (or `wait_for_pending_save`) joins it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megalite.config import Config, ConfigError
+from megalite.config import Config, ConfigError, ModelConfig
 from megalite.parallel.state import ParallelState
 from megalite.training.checkpoint_reshard import (
     ShardReader,
@@ -47,8 +48,8 @@ LATEST = "latest"
 METADATA = "meta.json"
 FORMAT = "megalite-dist-ckpt-1"
 # The model fields that must agree for a checkpoint to load (the rest may differ, e.g. dropout).
-MODEL_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
-                "ffn_multiple_of", "tie_embeddings", "qk_norm")
+MODEL_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "kv_heads", "ffn_size",
+                "tie_embeddings", "qk_norm")
 # Tests set this to interrupt a save between the rank files and the commit.
 _before_commit: Callable[[Path], None] | None = None
 _pending: threading.Thread | None = None
@@ -237,10 +238,13 @@ def read_metadata(step_dir: Path) -> dict:
 
 
 def _check_model(meta: dict, cfg: Config, path: Path) -> None:
-    saved = meta.get("config", {}).get("model", {})
+    """Architecture fields must agree (derived ones compared, e.g. the effective FFN size)."""
+    saved_dict = meta.get("config", {}).get("model", {})
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    saved = ModelConfig(**{k: v for k, v in saved_dict.items() if k in known})
     for f in MODEL_FIELDS:
-        if f in saved and saved[f] != getattr(cfg.model, f):
-            raise ConfigError(f"{path / METADATA}: model.{f} is {saved[f]!r} in the checkpoint but "
+        if getattr(saved, f) != getattr(cfg.model, f):
+            raise ConfigError(f"{path / METADATA}: model.{f} is {getattr(saved, f)!r} in the checkpoint but "
                               f"{getattr(cfg.model, f)!r} in this run")
 
 

@@ -171,10 +171,11 @@ def test_tp2_pp2_dp2_checkpoint_resumes_at_tp1_and_tp4_dp2(tmp_path):
     # vocab 1001 pads to 1024 at TP4, so every TP rank holds some real vocabulary rows (with the
     # byte tokenizer's ~260, TP rank 3 holds only padding, and vocab-parallel CE logs NaN there).
     common = ["train.train_steps=4", "parallel.sp=true", f"checkpoint.dir={ck}", "model.vocab_size=1001"]
-    # Saved at step 2 by TP2 x PP2 x DP2 with the distributed optimizer; it runs on to step 4.
+    # Saved at step 2 by TP2 x PP2 x DP2 with the distributed optimizer (small buckets, so DP
+    # shards split parameters); it runs on to step 4.
     saved = run_distributed(_layout_worker, 8, str(tmp_path / "a"),
                             [*common, "parallel.tp=2", "parallel.pp=2", "parallel.distributed_optimizer=true",
-                             "checkpoint.save_interval=2"])
+                             "parallel.bucket_size_mb=0.03", "checkpoint.save_interval=2"])
     losses, norms = saved[0]
     assert all(r == saved[0] for r in saved)  # every rank logs the same global loss
     meta = ckpt.read_metadata(ckpt.resolve_checkpoint(ck))
@@ -185,7 +186,9 @@ def test_tp2_pp2_dp2_checkpoint_resumes_at_tp1_and_tp4_dp2(tmp_path):
     assert [r["step"] for r in single] == [3, 4]
     assert [r["loss"] for r in single] == pytest.approx(losses[2:], rel=1e-5)
     assert [r["grad_norm"] for r in single] == pytest.approx(norms[2:], rel=1e-4)
-    # TP4 x PP1 x DP2 (kv heads now replicated over TP), distributed optimizer off.
-    for loss, norm in run_distributed(_layout_worker, 8, str(tmp_path / "c"), [*common, *load, "parallel.tp=4"]):
+    # TP4 x PP1 x DP2 (kv heads now replicated over TP), distributed optimizer on, with other
+    # buckets: every DP shard boundary falls somewhere else inside the parameters.
+    tp4 = [*common, *load, "parallel.tp=4", "parallel.distributed_optimizer=true", "parallel.bucket_size_mb=0.02"]
+    for loss, norm in run_distributed(_layout_worker, 8, str(tmp_path / "c"), tp4):
         assert loss == pytest.approx(losses[2:], rel=1e-5)
         assert norm == pytest.approx(norms[2:], rel=1e-4)
