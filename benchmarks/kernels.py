@@ -175,11 +175,13 @@ def measure(kind: str, shape: str, name: str, fn: Callable, inputs: list[torch.T
         # autograd.grad, not .backward(): nothing accumulates into .grad between iterations
         return torch.autograd.grad(out, diff, g)
 
-    interp = name.endswith("(interp)")
+    if name.endswith("(interp)"):  # interpreted kernels: only their peak memory is worth a (slow) call
+        peak = peak_extra_bytes(fwdbwd, device)
+        return Row(kind, shape, name, float("nan"), float("nan"),
+                   peak_mb=peak / 2**20 if peak is not None else None)
     try:
-        # Interpreted kernels: one call of each, since their time is not the point.
-        t_f = timeit(fwd, device, 0 if interp else args.warmup, 1 if interp else args.iters)
-        t_fb = timeit(fwdbwd, device, 0 if interp else args.warmup, 1 if interp else args.iters)
+        t_f = timeit(fwd, device, args.warmup, args.iters)
+        t_fb = timeit(fwdbwd, device, args.warmup, args.iters)
     except Exception as e:  # e.g. torch.compile failing on this backend: report, keep going
         print(f"  {kind} {shape} {name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
         return None
