@@ -159,6 +159,8 @@ class DataParallel:
             if p.grad is not None:
                 view.add_(p.grad)
             p.grad = view
+        if self.dp == 1:
+            return  # nothing to reduce: any micro-batch loop is fine, no_sync or not
         b = self._bucket_of[id(p)]
         if b.launched:
             raise RuntimeError(f"a gradient for '{self._name(p)}' arrived after its bucket was reduced: "
