@@ -235,6 +235,49 @@ def cases(args, device: torch.device, dtype: torch.dtype):
                                                               labels(n)], 2, None, None)
 
 
+def fp8_step(args, device: torch.device) -> None:
+    """One training step (forward + backward) of an 8B-shaped layer stack: BF16 vs FP8 through TE."""
+    import dataclasses
+
+    from megalite.config import ModelConfig
+    from megalite.kernels import te
+    from megalite.model import LlamaModel
+    from megalite.parallel.state import ParallelState
+
+    try:
+        te.check_fp8(args.fp8_recipe, device)
+    except te.FP8Unavailable as e:
+        print(f"fp8 step: skipped: {e}")
+        return
+    base = ModelConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=args.fp8_layers, num_heads=32,
+                       num_kv_heads=8, ffn_hidden_size=FFN, max_seq_len=args.fp8_seq, rope_theta=500000.0,
+                       loss_impl="fused_linear")
+    tokens = torch.randint(0, VOCAB, (1, args.fp8_seq), device=device)
+    times = {}
+    for label, cfg, fp8 in (("bf16 torch", base, False),
+                            ("bf16 te", dataclasses.replace(base, linear_impl="te", mlp_impl="te", norm_impl="te"),
+                             False),
+                            (f"fp8 te ({args.fp8_recipe})",
+                             dataclasses.replace(base, linear_impl="te", mlp_impl="te", norm_impl="te"), True)):
+        model = LlamaModel(cfg, ParallelState(device=device), device=device)
+        model.init_weights(1)
+        ctx = te.fp8_autocast_factory("fp8" if fp8 else "bf16", args.fp8_recipe)
+
+        def step(model=model, ctx=ctx):
+            with torch.autocast("cuda", dtype=torch.bfloat16), ctx():
+                loss = model(tokens, labels=tokens)
+            loss.float().mean().backward()
+
+        times[label] = timeit(step, device, 3, 10)
+        print(f"fp8 step: {label:18s} {times[label] * 1e3:8.2f} ms  "
+              f"({args.fp8_layers} layers, seq {args.fp8_seq}, Llama-3-8B shapes)", flush=True)
+        del model
+        torch.cuda.empty_cache()
+    fp8_t = times[f"fp8 te ({args.fp8_recipe})"]
+    print(f"fp8 step: speedup over bf16 torch {times['bf16 torch'] / fp8_t:.2f}x, over bf16 te "
+          f"{times['bf16 te'] / fp8_t:.2f}x (target >= 1.3x)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="CPU-sized shapes")
@@ -250,6 +293,10 @@ def main() -> None:
     p.add_argument("--interpret", action="store_true",
                    help="on a CPU, also run the Triton kernels in the interpreter: peak memory is "
                         "meaningful, time is not")
+    p.add_argument("--fp8-step", action="store_true", help="also time BF16 vs FP8 training steps (GPU + TE)")
+    p.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "current", "mxfp8"])
+    p.add_argument("--fp8-layers", type=int, default=4)
+    p.add_argument("--fp8-seq", type=int, default=8192)
     args = p.parse_args()
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined: set it before import
@@ -285,6 +332,8 @@ def main() -> None:
             print(f"{r.kernel:8s} {r.shape:>20s} {r.impl:14s} fwd {r.fwd_ms:8.3f} ms {pct(r.fwd_gbs)} | "
                   f"fwd+bwd {r.fwdbwd_ms:8.3f} ms {pct(r.fwdbwd_gbs)}{peak}  {ratios}", flush=True)
         rows.extend(got)
+    if args.fp8_step:
+        fp8_step(args, device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "dtype": str(dtype), "copy_gbs": bw,
