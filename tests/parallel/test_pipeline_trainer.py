@@ -41,7 +41,8 @@ def _tied_weight(trainer: Trainer) -> torch.Tensor | None:
 def _train(run_dir: str, overrides: list[str]) -> dict:
     trainer = Trainer(tiny_config(run_dir, *COMMON, *overrides))
     history = trainer.train()
-    return {"loss": [r["loss"] for r in history], "tied": _tied_weight(trainer), "pp_rank": trainer.ps.pp_rank}
+    return {"loss": [r["loss"] for r in history], "tied": _tied_weight(trainer), "pp_rank": trainer.ps.pp_rank,
+            "sharded": getattr(trainer.optimizer, "sharded", False)}
 
 
 def _worker(rank: int, world: int, run_dir: str, runs: list[list[str]]) -> list[dict]:
@@ -76,4 +77,5 @@ def test_each_schedule_matches_single_process(tmp_path, reference):
 @pytest.mark.slow
 def test_tp2_pp2_dp2_sp_interleaved_distopt_matches_single_process(tmp_path, reference):
     per_rank = run_distributed(_worker, 8, str(tmp_path), [FULL_3D])
+    assert all(r[0]["sharded"] for r in per_rank)  # ZeRO-1 really ran
     _check([r[0] for r in per_rank], reference, "tp2 pp2 dp2")

@@ -21,6 +21,10 @@ from megalite.parallel.state import ParallelState
 FORWARD_TAG = 1  # activations: stage s -> s+1
 BACKWARD_TAG = 2  # gradients: stage s+1 -> s
 
+# Groups whose ranks have all met once. NCCL requires the first batched p2p call in a group to
+# involve every rank of it, which a pipeline's first exchange (stage 0 -> 1 only) does not.
+_met: set[int] = set()
+
 
 def activation_shape(seq_len: int, micro_batch_size: int, hidden_size: int, ps: ParallelState) -> tuple[int, ...]:
     """The hidden-state shape that crosses stage boundaries (sequence-sharded under SP)."""
@@ -63,6 +67,9 @@ class PipelineComm:
         if from_next is not None:
             ops.append(dist.P2POp(dist.irecv, from_next, ps.next_rank, group, BACKWARD_TAG))
         if ops:
+            if id(group) not in _met:
+                dist.barrier(group=group)
+                _met.add(id(group))
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
         if from_prev is not None:
