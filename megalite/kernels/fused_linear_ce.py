@@ -127,6 +127,10 @@ class _FusedLinearCEFn(torch.autograd.Function):
     def _backward(ctx, grad_out):
         hidden_shape, n_valid = ctx.shapes
         if ctx.eager:
+            if getattr(ctx, "consumed", False):
+                raise RuntimeError("fused_linear_cross_entropy: backward ran twice through the same graph "
+                                   "(retain_graph) with reduction='mean'/'sum'; use reduction='none' for that")
+            ctx.consumed = True
             dh, dw = ctx.saved_tensors
             g = grad_out.to(torch.float32)
             # Scaling in place: these buffers belong to this node and are not read again.

@@ -101,6 +101,14 @@ def test_default_chunk_size_tracks_hidden_size():
     assert default_chunk_size(1, 128256, 16) == 1
 
 
+def test_second_backward_through_precomputed_grads_is_refused():
+    hidden, weight, labels, _ = _case(6, 8, 50, 50, seed=35)
+    loss = fused_linear_cross_entropy(hidden.requires_grad_(), weight, labels, reduction="sum")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
 def test_bad_inputs():
     h, w, lab = torch.randn(3, 8), torch.randn(20, 8), torch.randint(0, 20, (3,))
     with pytest.raises(ValueError, match="does not match hidden size"):
