@@ -84,7 +84,7 @@ def _layout(ps: ParallelState, optimizer: Any) -> dict:
             "distributed_optimizer": bool(getattr(optimizer, "sharded", False))}
 
 
-def _fsync_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Writes through `path.partial`, flushes it to disk, then renames: never a half file at `path`."""
     partial = str(path) + ".partial"
     write(partial)
@@ -93,8 +93,8 @@ def _fsync_write(path: Path, write: Callable[[str], None]) -> None:
     os.replace(partial, path)
 
 
-def _write_text(path: Path, text: str) -> None:
-    _fsync_write(path, lambda p: Path(p).write_text(text))
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: Path(p).write_text(text))
 
 
 def _rank_file(rank: int) -> str:
@@ -150,11 +150,11 @@ def _commit(root: Path, tmp: Path, final: Path, meta: dict, world: int, wait_fil
             time.sleep(0.05)
     if _before_commit is not None:
         _before_commit(tmp)
-    _write_text(tmp / METADATA, json.dumps(meta, indent=1, default=str))
+    atomic_write_text(tmp / METADATA, json.dumps(meta, indent=1, default=str))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_text(root / LATEST, final.name)
+    atomic_write_text(root / LATEST, final.name)
     apply_retention(root, ck_keep_last, ck_keep_pow2, protect=final.name)
 
 
@@ -188,7 +188,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, chunks, optimizer, ps: Para
             "params": merge_index(entries), "config": cfg.to_dict()}
 
     def write() -> None:
-        _fsync_write(tmp / _rank_file(ps.rank), lambda p: torch.save(payload, p))
+        atomic_write(tmp / _rank_file(ps.rank), lambda p: torch.save(payload, p))
 
     ck = cfg.checkpoint
     if ck.async_save:
@@ -267,11 +267,13 @@ def load_checkpoint(path: str | Path, chunks, optimizer, ps: ParallelState, cfg:
         k: v for k, v in _layout(ps, optimizer).items() if k != "distributed_optimizer"}
     if hasattr(optimizer, "pieces"):
         _load_buffer_optimizer(reader, meta, optimizer, ps)
+    elif meta["optimizer"].get("weights_only"):
+        pass  # e.g. converted from HF: the optimizer starts fresh
     elif meta["optimizer"]["reshardable"] or not same_layout:
         raise ConfigError(f"{step_dir}: this optimizer can only resume a checkpoint of its own kind and layout")
     else:
         optimizer.load_state_dict(reader.get(_rank_file(ps.rank))["optimizer_state"])
-    if same_layout:
+    if same_layout and "rng" in reader.get(_rank_file(ps.rank)):
         set_rng_state(reader.get(_rank_file(ps.rank))["rng"], tracker)
     return meta
 

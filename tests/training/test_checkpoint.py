@@ -19,6 +19,7 @@ from megalite.parallel.sharding import TPShard, split_for_rank
 from megalite.parallel.state import ParallelState
 from megalite.testing import run_distributed
 from megalite.training import checkpoint as ckpt
+from megalite.training.checkpoint_global import load_global_weights, save_global_weights
 from megalite.training.checkpoint_reshard import assemble_global
 from megalite.training.trainer import Trainer
 from tests.training.common import tiny_config
@@ -158,6 +159,23 @@ def test_bad_checkpoints_fail_with_one_line_naming_the_file(tmp_path):
         ckpt.load_checkpoint(step_dir, [m], opt, ParallelState(), cfg)
 
 
+def test_global_weights_round_trip_as_a_weights_only_checkpoint(tmp_path):
+    cfg, m, opt = _tiny()
+    _train(m, opt)
+    ckpt.save_checkpoint(tmp_path / "a", 2, [m], opt, ParallelState(), cfg, {"consumed_samples": 2})
+    meta, weights = load_global_weights(tmp_path / "a")
+    assert meta["step"] == 2 and set(weights) == {n for n, _ in m.named_parameters()}
+    for n, p in m.named_parameters():  # global = local at TP1, minus the vocab padding rows
+        assert torch.equal(weights[n], p.detach()[: weights[n].shape[0]]), n
+    assert weights["embedding.weight"].shape[0] == 301
+    save_global_weights(tmp_path / "b", 0, weights, cfg)
+    c2, m2, o2 = _tiny()
+    assert ckpt.load_checkpoint(tmp_path / "b", [m2], o2, ParallelState(), c2)["step"] == 0
+    for (n, p), (_, q) in zip(m.named_parameters(), m2.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+    assert o2.steps == 0 and all(not t.any() for t in o2.exp_avg)  # Adam starts fresh
+
+
 # -- resharding through the real training loop -----------------------------------------------------
 
 def _layout_worker(rank: int, world: int, run_dir: str, overrides: list[str]):
@@ -181,6 +199,10 @@ def test_tp2_pp2_dp2_checkpoint_resumes_at_tp1_and_tp4_dp2(tmp_path):
     meta = ckpt.read_metadata(ckpt.resolve_checkpoint(ck))
     assert meta["step"] == 4 and meta["layout"]["distributed_optimizer"]
     load = [f"checkpoint.load={ck}/step_00000002"]
+    # The global view reassembles TP2 x PP2 shards into whole tensors (tied-free model: head kept).
+    _, weights = load_global_weights(f"{ck}/step_00000002")
+    assert weights["embedding.weight"].shape == (1001, 64) and weights["head"].shape == (1001, 64)
+    assert {n.split(".")[1] for n in weights if n.startswith("layers.")} == {"0", "1"}
     # TP1 x PP1 x DP1, distributed optimizer off.
     single = Trainer(tiny_config(str(tmp_path / "b"), *common, *load)).train()
     assert [r["step"] for r in single] == [3, 4]
