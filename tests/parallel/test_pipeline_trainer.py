@@ -1,4 +1,5 @@
-"""The real trainer under pipeline parallelism: 5 optimizer steps give the single-process losses.
+"""The real trainer under pipeline parallelism: 5 optimizer steps (and a forward-only eval after
+them) give the single-process losses.
 
 One run combines everything (TP2 x PP2 x DP2 with SP, the interleaved schedule and the distributed
 optimizer, 8 processes); the others check each schedule alone, with recomputation switched on,
@@ -17,7 +18,7 @@ from tests.training.common import tiny_config
 
 STEPS = 5
 COMMON = [f"train.train_steps={STEPS}", "train.global_batch_size=16", "model.num_layers=4",
-          "model.tie_embeddings=true"]
+          "model.tie_embeddings=true", f"train.eval_interval={STEPS}", "train.eval_steps=1"]
 SCHEDULES = {
     "afab": ["parallel.pp=2", "parallel.pipeline_schedule=afab", "parallel.pp_layer_split=[1,3]"],
     "1f1b": ["parallel.pp=2", "parallel.pipeline_schedule=1f1b", "parallel.recompute=full"],
@@ -41,7 +42,8 @@ def _tied_weight(trainer: Trainer) -> torch.Tensor | None:
 def _train(run_dir: str, overrides: list[str]) -> dict:
     trainer = Trainer(tiny_config(run_dir, *COMMON, *overrides))
     history = trainer.train()
-    return {"loss": [r["loss"] for r in history], "tied": _tied_weight(trainer), "pp_rank": trainer.ps.pp_rank,
+    # The final eval runs the schedule forward-only.
+    return {"loss": [r["loss"] for r in history] + [history[-1]["eval_loss"]], "tied": _tied_weight(trainer), "pp_rank": trainer.ps.pp_rank,
             "sharded": getattr(trainer.optimizer, "sharded", False)}
 
 
