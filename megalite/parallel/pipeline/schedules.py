@@ -8,8 +8,11 @@ All three share one signature with the no-pipelining version in megalite/trainin
 `chunks` are this rank's model chunks (one, or `vpp` with interleaving), each with `pre_process`
 / `post_process` flags and a `forward(tokens=|hidden=, labels=, position_ids=, doc_ids=)`.
 Every micro-batch's loss is `token_losses.sum() / num_tokens` (times `loss_scale`, fp16's dynamic
-scale), so accumulated grads equal those of the whole step. The return value is the detached sum of token losses this rank computed (the last
-stage's; zero elsewhere).
+scale), so accumulated grads equal those of the whole step. The return value is the detached sum
+of the token losses this rank computed (the last stage's; zero elsewhere).
+
+Activation shapes come from the config ([seq/tp under SP, micro_batch, hidden]), so the
+receiving side allocates its buffer without first asking the sender for a shape.
 
 `comm` replaces the p2p exchange (simulate.py passes one that records instead of sending).
 
