@@ -73,6 +73,8 @@ def _worker(rank: int, world: int, a: argparse.Namespace) -> dict:
         with count_comm() as counter:
             opt.zero_grad()
             fb(chunks, mbs, ps, num_tokens=num_tokens, no_sync=opt.no_sync)
+            # Buckets whose reduction was already in flight when backward returned (overlap).
+            overlapped = sum(b.launched for b in opt.ddp.buckets)
             finalize_grads(chunks, ps)
             opt.step(1e-3)
     layers = sum(len(c.layer_ids) for c in chunks)
@@ -80,7 +82,8 @@ def _worker(rank: int, world: int, a: argparse.Namespace) -> dict:
     return {"rank": rank, "tp_rank": ps.tp_rank, "pp_rank": ps.pp_rank, "dp_rank": ps.dp_rank,
             "first": ps.is_first_stage, "last": ps.is_last_stage, "layers": layers, "psi": opt.ddp.numel,
             "tp_partial": tp_partial if ps.tp > 1 and ps.sp else 0,
-            "bytes": dict(counter.bytes), "calls": dict(counter.calls)}
+            "bytes": dict(counter.bytes), "calls": dict(counter.calls),
+            "overlap": (overlapped, len(opt.ddp.buckets), sum(b.late for b in opt.ddp.buckets))}
 
 
 def analytical(r: dict, a: argparse.Namespace) -> dict[str, int]:
@@ -161,6 +164,9 @@ def main() -> int:
         if a.dp > 1:
             dp_wire = sum(ring_wire_bytes(op, b, a.dp) for op, b in r["bytes"].items() if op.startswith("dp."))
             param_bytes = r["psi"] * E
+            done, total, late = r["overlap"]
+            print(f"{label:>7} DP buckets in flight before backward returned: {done} of {total} "
+                  f"({late} late: TP-partial/tied grads, reduced after their group sum)")
             print(f"{label:>7} DP ring traffic per rank {dp_wire:,.0f} B = {dp_wire / param_bytes:.2f} x the "
                   f"param bytes ({param_bytes:,} B); ring all-reduce: 2(n-1)/n = {2 * (a.dp - 1) / a.dp:.2f}, "
                   "-> 2 for large n")
