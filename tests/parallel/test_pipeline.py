@@ -230,3 +230,14 @@ def test_check_schedule_accepts():
     check_schedule(ParallelConfig(pp=2, vpp=2, pipeline_schedule="interleaved"), 4, 4)
     check_schedule(ParallelConfig(pp=4, pipeline_schedule="1f1b"), 2, 4)  # fewer micro-batches than stages
     check_schedule(ParallelConfig(), 1, 1)
+
+
+def test_trainer_hook_selects_the_configured_schedule():
+    from megalite.training.forward_backward import forward_backward_no_pipelining, get_forward_backward
+
+    assert get_forward_backward(ParallelState(), ParallelConfig()) is forward_backward_no_pipelining
+    for name, vpp in (("afab", 1), ("1f1b", 1), ("interleaved", 2)):
+        par = ParallelConfig(pp=2, vpp=vpp, pipeline_schedule=name)
+        assert get_forward_backward(ParallelState(pp=2, vpp=vpp), par) is SCHEDULE_FNS[name]
+    with pytest.raises(ConfigError, match="vpp >= 2"):
+        get_forward_backward(ParallelState(pp=2), ParallelConfig(pp=2, pipeline_schedule="interleaved"))

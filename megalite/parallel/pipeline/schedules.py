@@ -282,7 +282,7 @@ SCHEDULE_FNS = {
 
 def get_pipeline_schedule(ps: ParallelState, par: ParallelConfig) -> Callable[..., torch.Tensor]:
     """The configured schedule for pp > 1 (the trainer's `get_forward_backward` hook)."""
-    check_schedule(par, num_micro=par.pp if par.pipeline_schedule == "interleaved" else 1)
+    check_schedule(par, num_micro=None)
     if ps.pp != par.pp or ps.vpp != par.vpp:
         raise ConfigError(f"pipeline layout mismatch: state pp={ps.pp} vpp={ps.vpp}, config pp={par.pp} vpp={par.vpp}")
     return SCHEDULE_FNS[par.pipeline_schedule]

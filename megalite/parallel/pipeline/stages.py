@@ -64,13 +64,14 @@ def stage_specs(num_layers: int, par: ParallelConfig, pp_rank: int) -> list[Stag
             for s in (v * par.pp + pp_rank for v in range(par.vpp))]
 
 
-def check_schedule(par: ParallelConfig, num_micro: int, num_layers: int | None = None) -> None:
+def check_schedule(par: ParallelConfig, num_micro: int | None, num_layers: int | None = None) -> None:
     """Raises ConfigError (one line) when the schedule cannot run `num_micro` micro-batches per
-    step on this layout, or when the layer split does not fit (if `num_layers` is given)."""
+    step on this layout, or when the layer split does not fit (if `num_layers` is given).
+    `num_micro=None` checks only the schedule's own settings."""
     if par.pipeline_schedule not in SCHEDULES:
         raise ConfigError(f"unknown parallel.pipeline_schedule '{par.pipeline_schedule}' "
                           f"(expected one of: {', '.join(SCHEDULES)})")
-    if num_micro < 1:
+    if num_micro is not None and num_micro < 1:
         raise ConfigError(f"the step has {num_micro} micro-batches; it needs at least one")
     if num_layers is not None:
         split_layers(num_layers, par.pp, par.vpp, par.pp_layer_split)
@@ -82,6 +83,6 @@ def check_schedule(par: ParallelConfig, num_micro: int, num_layers: int | None =
     if par.vpp > 1 and not interleaved:
         raise ConfigError(f"parallel.vpp={par.vpp} needs parallel.pipeline_schedule=interleaved, "
                           f"not '{par.pipeline_schedule}'")
-    if interleaved and num_micro % par.pp != 0:
+    if interleaved and num_micro is not None and num_micro % par.pp != 0:
         raise ConfigError(f"the interleaved schedule needs the micro-batch count per step ({num_micro} = "
                           f"global_batch_size / (micro_batch_size*dp)) to be a multiple of parallel.pp {par.pp}")
