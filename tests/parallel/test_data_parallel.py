@@ -74,11 +74,15 @@ def _dp_worker(rank: int, world: int, tp: int, sp: bool, shard: bool):
             "buffer_bytes": ddp.grad_data.numel() * 4}
 
 
+def _both_modes_worker(rank: int, world: int, tp: int, sp: bool):
+    return [_dp_worker(rank, world, tp, sp, shard) for shard in (False, True)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,sp,shard", [(1, False, False), (2, True, True)],
-                         ids=["dp2-allreduce", "tp2sp-dp2-reducescatter"])
-def test_bucketed_dp_equals_unbucketed(tp: int, sp: bool, shard: bool):
-    results = run_distributed(_dp_worker, 2 * tp, tp, sp, shard)
+def test_bucketed_dp_equals_unbucketed():
+    """DP2 with all-reduce and with reduce-scatter buckets. (TP2 x SP x DP2, where norm weights
+    go to late buckets, is covered end to end by test_distributed_optimizer.py.)"""
+    results = [r for rank in run_distributed(_both_modes_worker, 2, 1, False) for r in rank]
     for r in results:
         assert r["buckets"] > 4
         assert r["diffs"], "no parameter was compared"
@@ -88,8 +92,6 @@ def test_bucketed_dp_equals_unbucketed(tp: int, sp: bool, shard: bool):
         assert r["launched_in_backward"] >= r["buckets"] - r["late"] - 1
         assert r["dp_bytes"] == r["buffer_bytes"]  # one pass over the buffer per step, no excess
         assert "no_sync" in r["guard"]
-    if tp == 2:
-        assert all(r["late"] >= 1 for r in results)  # norm weights under SP are summed over TP first
 
 
 def test_single_rank_buffers_and_accumulation():

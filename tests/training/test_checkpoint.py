@@ -216,19 +216,31 @@ def test_tp2_pp2_dp2_checkpoint_resumes_at_tp1_and_tp4_dp2(tmp_path):
         assert norm == pytest.approx(norms[2:], rel=1e-4)
 
 
+class _SignalledTrainer(Trainer):
+    """Rank 1 alone gets SIGUSR1 during step 2, as Slurm may signal only some ranks."""
+
+    def train_step(self, batches):
+        out = super().train_step(batches)
+        if self.state.step == 1 and self.ps.rank == 1:  # `step` counts completed steps
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+
 def _exact_resume_worker(rank: int, world: int, run_dir: str):
-    """Straight 4 steps vs 2 + (async) checkpoint + exit + resume + 2, in the same processes."""
+    """Straight 4 steps vs preempted after 2 (async checkpoint, clean exit) + resumed for 2, in the
+    same processes."""
     par = ["parallel.distributed_optimizer=true", "parallel.bucket_size_mb=0.03", "train.train_steps=4",
            "checkpoint.async_save=true", "model.hidden_dropout=0.1"]  # dropout: the RNG state matters
     straight = Trainer(tiny_config(f"{run_dir}/a/r{rank}", *par)).train()
     ck = f"checkpoint.dir={run_dir}/b"
-    first = Trainer(tiny_config(f"{run_dir}/b/r{rank}", *par, ck, "train.exit_interval=2")).train()
+    first = _SignalledTrainer(tiny_config(f"{run_dir}/b/r{rank}", *par, ck)).train()
     resumed = Trainer(tiny_config(f"{run_dir}/b/r{rank}", *par, ck, "checkpoint.load=auto")).train()
-    return [r["loss"] for r in straight], [r["loss"] for r in first + resumed], [r["step"] for r in resumed]
+    return ([r["loss"] for r in straight], [r["loss"] for r in first + resumed],
+            [r["step"] for r in first], [r["step"] for r in resumed])
 
 
 @pytest.mark.slow
-def test_resume_is_exact_with_dp2_zero1_and_async_save(tmp_path):
-    for straight, stitched, steps in run_distributed(_exact_resume_worker, 2, str(tmp_path)):
-        assert steps == [3, 4]
+def test_preempted_run_resumes_exactly_with_dp2_zero1_and_async_save(tmp_path):
+    for straight, stitched, first_steps, resumed_steps in run_distributed(_exact_resume_worker, 2, str(tmp_path)):
+        assert first_steps == [1, 2] and resumed_steps == [3, 4]  # both ranks stopped after step 2
         assert stitched == straight  # bit-identical on CPU
