@@ -25,6 +25,7 @@ from megalite.data.tokenizer import build_tokenizer
 from megalite.model.flops import flops_per_token, param_count
 from megalite.parallel.comm import all_reduce, broadcast
 from megalite.parallel.finalize import finalize_grads
+from megalite.parallel.pipeline import check_schedule
 from megalite.parallel.rng import seed_everything
 from megalite.parallel.state import (
     ParallelState,
@@ -64,6 +65,7 @@ class Trainer:
         self.device = resolve_device(t.device)
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         self.dp = check_layout(m, cfg.parallel, t, world)
+        check_schedule(cfg.parallel, t.global_batch_size // (t.micro_batch_size * self.dp), m.num_layers)
         self.precision = resolve_precision(t, self.device)
         lr_at(0, t.train_steps, cfg.optim)  # rejects an unknown decay now, not at step 1
         self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
