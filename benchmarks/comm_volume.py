@@ -176,9 +176,10 @@ def main() -> int:
             print(f"{label:>7} DP ring traffic per rank {dp_wire:,.0f} B = {dp_wire / param_bytes:.2f} x the "
                   f"param bytes ({param_bytes:,} B); ring all-reduce: 2(n-1)/n = {2 * (a.dp - 1) / a.dp:.2f}, "
                   "-> 2 for large n")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "rows": rows}, f, indent=1)
+    if a.json:  # written whole, then renamed into place
+        with open(a.json + ".partial", "w") as f:
+            json.dump({"args": vars(a), "rows": rows, "excess": excess}, f, indent=1)
+        os.replace(a.json + ".partial", a.json)
     print("EXCESS traffic found" if excess else "no excess: every op within its analytical count")
     return 1 if excess else 0
 
