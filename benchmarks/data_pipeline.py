@@ -334,7 +334,7 @@ def main() -> None:
                         if what == "sample_idx":
                             note += ", equal" if ours["digest"] == theirs["digest"] else ", DIFFERENT"
                     rows.append(_ratio_row(label + " (s, best of 5)", ours, theirs, lambda r: r["seconds"], higher=False,
-                                           fmt="{:.3f}", note=note))
+                                           fmt="{:.4f}", note=note))
 
     if "loader" not in skip:
         r = _run(sys.executable, "loader", {"prefix": str(work / "loader"), "tokens": args.loader_tokens, "mbs": 8})

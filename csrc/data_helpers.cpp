@@ -138,15 +138,19 @@ py::array build_shuffle_index(int64_t n, uint64_t seed) {
 // parallel: threads sum the document sizes of their slice of doc_idx, learn where their slice
 // starts in the stream, and each emits the boundaries that fall inside its slice.
 
-template <typename T>
-void emit_boundaries(const int32_t* sizes, const IndexView& doc_idx, int64_t d_begin, int64_t d_end,
+// Emits boundaries [first, last] whose last token falls in documents [d_begin, d_end) of the
+// stream, the first of which starts at stream position `pos`. Returns false on an id outside sizes.
+template <typename T, typename I>
+bool emit_boundaries(const int32_t* sizes, uint64_t num_sizes, const I* doc, int64_t d_begin, int64_t d_end,
                      int64_t pos, int64_t first, int64_t last, int64_t seq_len, int64_t extra, T* out) {
   // Boundary b's last token sits at stream position b*L + extra - 1.
   int64_t b = first;
   int64_t target = b * seq_len + extra - 1;
   for (int64_t d = d_begin; d < d_end && b <= last; ++d) {
-    if (d + 16 < d_end) __builtin_prefetch(sizes + doc_idx[d + 16]);
-    int64_t end = pos + sizes[doc_idx[d]];
+    if (d + 16 < d_end) __builtin_prefetch(sizes + static_cast<uint64_t>(doc[d + 16]));  // never faults, even out of range
+    uint64_t id = static_cast<uint64_t>(static_cast<int64_t>(doc[d]));
+    if (id >= num_sizes) return false;
+    int64_t end = pos + sizes[id];
     while (target < end && b <= last) {
       out[2 * b] = static_cast<T>(d);
       out[2 * b + 1] = static_cast<T>(target - pos + 1 - extra);
@@ -155,65 +159,94 @@ void emit_boundaries(const int32_t* sizes, const IndexView& doc_idx, int64_t d_b
     }
     pos = end;
   }
+  return true;
 }
 
-template <typename T>
-py::array sample_index_impl(const int32_t* sizes, int64_t num_sizes, const IndexView& doc_idx,
-                            int64_t seq_len, int64_t total_tokens, bool drop_last, int64_t extra,
-                            int num_threads) {
+template <typename I>
+bool sum_sizes(const int32_t* sizes, uint64_t num_sizes, const I* doc, int64_t d_begin, int64_t d_end,
+               int64_t* sum) {
+  int64_t s = 0;
+  for (int64_t d = d_begin; d < d_end; ++d) {
+    if (d + 16 < d_end) __builtin_prefetch(sizes + static_cast<uint64_t>(doc[d + 16]));  // never faults, even out of range
+    uint64_t id = static_cast<uint64_t>(static_cast<int64_t>(doc[d]));
+    if (id >= num_sizes) return false;
+    s += sizes[id];
+  }
+  *sum = s;
+  return true;
+}
+
+template <typename T, typename I>
+py::array sample_index_impl(const int32_t* sizes, int64_t num_sizes, const I* doc, int64_t D, int64_t seq_len,
+                            int64_t total_tokens, bool drop_last, int64_t extra, int num_threads) {
   int64_t usable = total_tokens - extra;
   int64_t num_samples = usable <= 0 ? 0
                         : drop_last ? usable / seq_len
                                     : (usable + seq_len - 1) / seq_len;
   py::array_t<T> out({num_samples + 1, static_cast<int64_t>(2)});
   T* o = out.mutable_data();
-  int64_t D = doc_idx.n;
-  {
+  const uint64_t n = static_cast<uint64_t>(num_sizes);
+  bool ok = n > 0 || D == 0;
+  if (ok) {
     py::gil_scoped_release nogil;
     o[0] = 0;
     o[1] = 0;
     // The final boundary of a kept partial sample lies past the stream: it ends at the last doc.
     int64_t last = num_samples;
     if (num_samples > 0 && num_samples * seq_len + extra - 1 >= total_tokens) {
+      uint64_t id = static_cast<uint64_t>(static_cast<int64_t>(doc[D - 1]));
+      ok = id < n;
       o[2 * num_samples] = static_cast<T>(D - 1);
-      o[2 * num_samples + 1] = static_cast<T>(sizes[doc_idx[D - 1]] - extra);
+      o[2 * num_samples + 1] = static_cast<T>(ok ? sizes[id] - extra : 0);
       last = num_samples - 1;
     }
     // Threads pay off only on large inputs; below ~1M documents one thread is faster.
     int T_ = std::max(1, std::min<int>(num_threads, static_cast<int>(D >> 20) + 1));
     std::vector<int64_t> starts(T_ + 1, 0), pos(T_ + 1, 0);
+    std::vector<char> good(T_, 1);
     for (int t = 0; t <= T_; ++t) starts[t] = D * t / T_;
-    auto sum_slice = [&](int t) {
-      int64_t s = 0;
-      for (int64_t d = starts[t]; d < starts[t + 1]; ++d) {
-        if (d + 16 < starts[t + 1]) __builtin_prefetch(sizes + doc_idx[d + 16]);
-        s += sizes[doc_idx[d]];
-      }
-      pos[t + 1] = s;
-    };
     auto emit_slice = [&](int t) {
-      // First boundary whose last token lies at or after this slice's start.
-      int64_t need = pos[t] - extra + 1;  // b*L >= need
+      // First boundary whose last token lies at or after this slice's start: b*L >= pos - extra + 1.
+      int64_t need = pos[t] - extra + 1;
       int64_t first = need <= seq_len ? 1 : (need + seq_len - 1) / seq_len;
-      emit_boundaries<T>(sizes, doc_idx, starts[t], starts[t + 1], pos[t], std::max<int64_t>(first, 1),
-                         last, seq_len, extra, o);
+      good[t] = emit_boundaries<T, I>(sizes, n, doc, starts[t], starts[t + 1], pos[t], first, last, seq_len,
+                                      extra, o);
     };
     if (T_ == 1) {
       emit_slice(0);
     } else {
+      // Each thread sums the sizes of its slice, so every slice learns where it starts in the stream.
       std::vector<std::thread> pool;
-      for (int t = 1; t < T_; ++t) pool.emplace_back(sum_slice, t - 1);
-      sum_slice(T_ - 1);
+      for (int t = 1; t < T_; ++t)
+        pool.emplace_back([&, t] { good[t] = sum_sizes(sizes, n, doc, starts[t - 1], starts[t], &pos[t]); });
+      good[0] = sum_sizes(sizes, n, doc, starts[T_ - 1], starts[T_], &pos[T_]);
       for (auto& th : pool) th.join();
-      for (int t = 1; t <= T_; ++t) pos[t] += pos[t - 1];
-      pool.clear();
-      for (int t = 1; t < T_; ++t) pool.emplace_back(emit_slice, t);
-      emit_slice(0);
-      for (auto& th : pool) th.join();
+      for (int t = 0; t < T_; ++t) ok = ok && good[t];
+      if (ok) {
+        for (int t = 1; t <= T_; ++t) pos[t] += pos[t - 1];
+        pool.clear();
+        for (int t = 1; t < T_; ++t) pool.emplace_back(emit_slice, t);
+        emit_slice(0);
+        for (auto& th : pool) th.join();
+      }
     }
-    (void)num_sizes;
+    for (int t = 0; t < T_; ++t) ok = ok && good[t];
   }
+  if (!ok) throw std::out_of_range("document_index holds ids outside the " + std::to_string(num_sizes) + " sizes");
   return out;
+}
+
+template <typename T>
+py::array sample_index_dispatch(const int32_t* s, int64_t n, const py::array& di, int64_t seq_len, int64_t total,
+                                bool drop_last, int64_t extra, int threads) {
+  char k = di.dtype().kind();
+  size_t item = di.itemsize();
+  int64_t D = di.size();
+  if (k == 'i' && item == 4)
+    return sample_index_impl<T>(s, n, static_cast<const int32_t*>(di.data()), D, seq_len, total, drop_last, extra, threads);
+  if (k == 'u' && item == 4)
+    return sample_index_impl<T>(s, n, static_cast<const uint32_t*>(di.data()), D, seq_len, total, drop_last, extra, threads);
+  return sample_index_impl<T>(s, n, static_cast<const int64_t*>(di.data()), D, seq_len, total, drop_last, extra, threads);
 }
 
 py::array build_sample_idx(py::array_t<int32_t, py::array::c_style | py::array::forcecast> sizes,
@@ -222,22 +255,16 @@ py::array build_sample_idx(py::array_t<int32_t, py::array::c_style | py::array::
                            int num_threads) {
   if (seq_len < 1) throw std::invalid_argument("seq_len must be >= 1");
   if (add_extra_token != 0 && add_extra_token != 1) throw std::invalid_argument("add_extra_token is 0 or 1");
-  IndexView doc_idx(document_index, "document_index");
-  const int32_t* s = sizes.data();
-  int64_t n = sizes.size();
-  int32_t max_size = 0;
-  for (int64_t i = 0; i < n; ++i) max_size = std::max(max_size, s[i]);
-  for (int64_t i = 0; i < doc_idx.n; ++i) {
-    int64_t d = doc_idx[i];
-    if (d < 0 || d >= n) throw std::out_of_range("document_index holds " + std::to_string(d) +
-                                                 ", outside the " + std::to_string(n) + " sizes");
-  }
+  IndexView check(document_index, "document_index");  // dtype and layout checks only
   if (num_threads <= 0) num_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   int64_t total = num_epochs * tokens_per_epoch;
-  // Same dtype rule as Megatron: int32 when both positions and offsets fit.
-  if (std::max<int64_t>(doc_idx.n, max_size) <= INT32_MAX)
-    return sample_index_impl<int32_t>(s, n, doc_idx, seq_len, total, drop_last, add_extra_token, num_threads);
-  return sample_index_impl<int64_t>(s, n, doc_idx, seq_len, total, drop_last, add_extra_token, num_threads);
+  // Megatron's dtype rule, int32 when positions and offsets fit: sizes are int32, so offsets always
+  // do, and positions do while the document index has fewer than 2^31 entries.
+  if (check.n <= INT32_MAX)
+    return sample_index_dispatch<int32_t>(sizes.data(), sizes.size(), document_index, seq_len, total, drop_last,
+                                          add_extra_token, num_threads);
+  return sample_index_dispatch<int64_t>(sizes.data(), sizes.size(), document_index, seq_len, total, drop_last,
+                                        add_extra_token, num_threads);
 }
 
 // ---------------------------------------------------------------------------------------------
