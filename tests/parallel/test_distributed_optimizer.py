@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import pytest
 import torch
 
+from benchmarks import comm_volume
 from megalite.config import ModelConfig, OptimConfig, ParallelConfig
 from megalite.model import LlamaModel
 from megalite.parallel.distributed_optimizer import BufferOptimizer, DistributedOptimizer
@@ -77,10 +79,16 @@ def test_buffer_optimizer_matches_torch_adamw():
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=n)
 
 
+def _comm_args(tp: int, sp: bool) -> argparse.Namespace:
+    return argparse.Namespace(tp=tp, pp=1, dp=2, no_sp=not sp, distributed_optimizer=True, hidden=32, layers=2,
+                              seq=8, mbs=2, micro=2)
+
+
 def _zero_worker(rank: int, world: int, tp: int, sp: bool, tie: bool):
     cfg = dataclasses.replace(CFG, tie_embeddings=tie)
     ps = build_parallel_state(ParallelConfig(tp=tp, sp=sp))
-    out = {}
+    # benchmarks/comm_volume.py's measurement of one real step, in the same processes.
+    out = {"comm": comm_volume._worker(rank, world, _comm_args(tp, sp))}
     for cls in (BufferOptimizer, DistributedOptimizer):
         model = LlamaModel(cfg, ps)
         model.init_weights(1)
@@ -112,5 +120,12 @@ def test_zero1_matches_replicated_and_single_process(tp: int, sp: bool, tie: boo
                 assert mem["psi"] == sum(p.numel() for p in ref.parameters())
             assert 0 <= mem["measured_optimizer"] - 8 * mem["psi"] / mem["nd"] <= mem["padding_slack"]
         assert r["DistributedOptimizer"][2]["nd"] == 2
+        # No collective moves more than the analytical count (TP/SP pairs, DP reduce-scatter +
+        # all-gather of the parameters), and none is missing.
+        got, want = r["comm"]["bytes"], comm_volume.analytical(r["comm"], _comm_args(tp, sp))
+        assert got.keys() == want.keys()
+        for op, b in want.items():  # DP buffers may pad each bucket by < dp elements
+            slack = 4 * r["comm"]["padding"] if op.startswith("dp.") else 0
+            assert b <= got[op] <= b + slack, (op, got[op], b)
         assert (r["DistributedOptimizer"][2]["measured_optimizer"]
                 == r["BufferOptimizer"][2]["measured_optimizer"] / 2)
