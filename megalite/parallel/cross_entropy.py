@@ -31,7 +31,9 @@ class _VocabParallelCE(torch.autograd.Function):
         x.sub_(mx.unsqueeze(1))
         owned = (t >= vocab_start) & (t < vocab_start + n_local)
         local_t = (t - vocab_start).clamp(0, n_local - 1)
-        stats = torch.stack([x.gather(1, local_t.unsqueeze(1)).squeeze(1) * owned, x.exp_().sum(-1)])
+        # where(), not a product: on a rank whose slice is all padding the gathered value is -inf.
+        label_local = torch.where(owned, x.gather(1, local_t.unsqueeze(1)).squeeze(1), 0.0)
+        stats = torch.stack([label_local, x.exp_().sum(-1)])
         all_reduce(stats, group)
         label_logit, sumexp = stats[0], stats[1]
         keep = t != ignore_index

@@ -22,19 +22,22 @@ CASES = {
     2: [dict(sp=False, kv=2), dict(sp=True, kv=1, qk_norm=True), dict(sp=True, kv=2, tie=True)],
     4: [dict(sp=True, kv=2), dict(sp=False, kv=1, tie=True, qk_norm=True), dict(sp=True, kv=4),
         # Hidden dropout on TP-replicated activations draws from the default stream: same masks as TP=1.
-        dict(sp=False, kv=2, dropout=0.2)],
+        dict(sp=False, kv=2, dropout=0.2),
+        # vocab 300 padded to 512: TP rank 3's whole slice is padding.
+        dict(sp=True, kv=2, vocab=300)],
 }
 
 
 def _cfg(case: dict) -> ModelConfig:
     return dataclasses.replace(BASE, num_kv_heads=case["kv"], qk_norm=case.get("qk_norm", False),
-                               tie_embeddings=case.get("tie", False), hidden_dropout=case.get("dropout", 0.0))
+                               tie_embeddings=case.get("tie", False), hidden_dropout=case.get("dropout", 0.0),
+                               vocab_size=case.get("vocab", BASE.vocab_size))
 
 
-def _data(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 1001, (2, 16), generator=g)
-    labels = torch.randint(0, 1001, (2, 16), generator=g)
+def _data(vocab: int = 1001):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (2, 16), generator=g)
+    labels = torch.randint(0, vocab, (2, 16), generator=g)
     labels[0, 3] = -100  # an ignored position
     doc_ids = torch.zeros(2, 16, dtype=torch.long)
     doc_ids[1, 9:] = 1  # two packed documents in the second row
@@ -42,7 +45,7 @@ def _data(seed: int = 0):
 
 
 def _run(model: LlamaModel, ps: ParallelState):
-    tokens, labels, doc_ids = _data()
+    tokens, labels, doc_ids = _data(model.cfg.vocab_size)
     if model.cfg.hidden_dropout == 0:
         logits = model.full_logits(tokens, doc_ids=doc_ids)
     else:
@@ -83,7 +86,7 @@ def test_tp_matches_single_process(tp: int):
     for i, case in enumerate(CASES[tp]):
         ref_logits, ref_loss, ref_grads = _reference(case)
         # The reference itself must equal a plain cross-entropy over the real (unpadded) vocabulary.
-        _, labels, _ = _data()
+        _, labels, _ = _data(case.get("vocab", 1001))
         if not case.get("dropout"):
             plain = torch.nn.functional.cross_entropy(ref_logits.transpose(1, 2), labels, reduction="none")
             torch.testing.assert_close(ref_loss, plain, rtol=1e-5, atol=1e-5)
