@@ -10,7 +10,8 @@ one chunk of logits plus the gradients of the inputs.
 - reduction 'none' (per-token losses; DPO/PPO log-probs): each token's upstream gradient is only
   known in backward and dW needs it inside the sum over tokens, so the logits are recomputed chunk
   by chunk in backward (one extra matmul). Pre-scaling by a scalar here is the wrong-gradient bug
-  that this avoids.
+  that this avoids. fp16 takes this path for every reduction, so that the loss scale reaches the
+  gradients before they are rounded to fp16.
 
 Autocast (bf16/fp16 over fp32 master weights): the matmuls run in the autocast dtype, as a plain
 F.linear would, and the whole body runs with autocast off so the out=/in-place matmuls see one
@@ -94,7 +95,9 @@ class _FusedLinearCEFn(torch.autograd.Function):
         valid = lab != ignore_index
         n_valid = valid.sum()
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        eager = reduction != "none" and (need_dh or need_dw)
+        # fp16 keeps its gradients unscaled no longer than it must: with unit-scale gradients stored in
+        # the forward, the small ones would underflow before fp16 loss scaling could lift them.
+        eager = reduction != "none" and (need_dh or need_dw) and h.dtype != torch.float16
         dh = torch.empty_like(h) if eager and need_dh else None
         dw = torch.zeros_like(weight) if eager and need_dw else None
         if eager:
@@ -139,7 +142,7 @@ class _FusedLinearCEFn(torch.autograd.Function):
             return dh, dw, None, None, None, None, None, None, None, None, None
         h, weight, lse_all = ctx.saved_tensors
         c, n = ctx.c, h.shape[0]
-        scale = grad_scale(grad_out, "none", n, n_valid)
+        scale = grad_scale(grad_out, ctx.reduction, n, n_valid)
         dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         dw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for lo in range(0, n, ctx.chunk):

@@ -101,6 +101,23 @@ def test_default_chunk_size_tracks_hidden_size():
     assert default_chunk_size(1, 128256, 16) == 1
 
 
+def test_fp16_gradients_see_the_loss_scale_before_rounding():
+    # Confident logits: most softmax entries are ~1e-9 and, unscaled, below fp16's smallest value.
+    g = torch.Generator().manual_seed(36)
+    n, h, v = 6, 16, 40
+    hidden = torch.randn(n, h, generator=g).to(DEVICE, torch.float16)
+    weight = (torch.randn(v, h, generator=g) * 1.5).to(DEVICE, torch.float16)
+    labels = torch.randint(0, v, (n,), generator=g).to(DEVICE)
+    scale = 2.0 ** 16  # what fp16 dynamic loss scaling starts at
+    w = weight.clone().requires_grad_()
+    (fused_linear_cross_entropy(hidden, w, labels, reduction="mean", chunk_size=4) * scale).backward()
+    w64 = weight.double().requires_grad_()
+    (_ref(hidden.double(), w64, labels, "mean") * scale).backward()
+    cold = w64.grad.abs().amax(1) < 1e-2 * scale / n  # rows fed only by tiny probabilities
+    assert cold.any()
+    torch.testing.assert_close(w.grad[cold].double(), w64.grad[cold], rtol=0.15, atol=0.05)
+
+
 def test_second_backward_through_precomputed_grads_is_refused():
     hidden, weight, labels, _ = _case(6, 8, 50, 50, seed=35)
     loss = fused_linear_cross_entropy(hidden.requires_grad_(), weight, labels, reduction="sum")
