@@ -43,7 +43,7 @@ def test_matches_float64_and_torch(reduction, smooth, z):
         assert_close64(ref, torch_loss, torch.float32, "reference vs F.cross_entropy")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_single_row_full_vocab(dtype):
     logits, labels, grad = _case(1, VOCAB, VOCAB, seed=12, dtype=dtype, ignore=0)
     loss, dx = _grads(cross_entropy, logits, labels, grad, "none", inplace_backward=False)
