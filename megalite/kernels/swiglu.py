@@ -100,6 +100,13 @@ class _SwiGLUFn(torch.autograd.Function):
 class _SwiGLULinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, recompute: bool):
+        # Under autocast the activations already carry the autocast dtype (they come out of a linear);
+        # the weight is cast to it, as F.linear would, and the body runs with autocast off.
+        with torch.autocast(gate.device.type, enabled=False):
+            return _SwiGLULinearFn._forward(ctx, gate, up, weight.to(gate.dtype), recompute)
+
+    @staticmethod
+    def _forward(ctx, gate, up, weight, recompute):
         g2, u2 = as_rows(gate, "swiglu: gate"), as_rows(up, "swiglu: up")
         a = _forward(g2, u2)
         out = F.linear(a, weight)
@@ -113,8 +120,13 @@ class _SwiGLULinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
+        with torch.autocast(dout.device.type, enabled=False):
+            return _SwiGLULinearFn._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
         g2, u2, weight, *saved_a = ctx.saved_tensors
-        dout2 = as_rows(dout, "swiglu_linear: grad")
+        dout2 = as_rows(dout, "swiglu_linear: grad").to(weight.dtype)
         da = dout2 @ weight
         dg, du, a = _backward(da, g2, u2, want_a=ctx.recompute)
         a = a if ctx.recompute else saved_a[0]
@@ -137,6 +149,6 @@ def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
     _check(gate, up)
     if weight.dim() != 2 or weight.shape[1] != gate.shape[-1]:
         raise ValueError(f"swiglu_linear: weight {tuple(weight.shape)} does not match ffn size {gate.shape[-1]}")
-    if weight.dtype != gate.dtype:
+    if weight.dtype != gate.dtype and not torch.is_autocast_enabled(gate.device.type):
         raise ValueError(f"swiglu_linear: weight dtype {weight.dtype} differs from activations {gate.dtype}")
     return _SwiGLULinearFn.apply(gate, up, weight, recompute)
