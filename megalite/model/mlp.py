@@ -7,6 +7,8 @@ import torch.nn as nn
 
 from megalite.config import ModelConfig
 from megalite.model.spec import column_linear, row_linear, swiglu_fn, te_mlp
+from megalite.parallel.layers import RowParallelLinear
+from megalite.parallel.mappings import reduce_from_tp, reduce_scatter_to_sequence
 from megalite.parallel.state import ParallelState
 
 
@@ -20,9 +22,19 @@ class SwiGLUMLP(nn.Module):
         self.gate_up = column_linear(cfg, cfg.hidden_size, (f, f), ps, device=device)
         self.down = row_linear(cfg, f, cfg.hidden_size, ps, device=device)
         self.act = swiglu_fn(cfg.mlp_impl)
+        # Triton: the down projection takes gate/up and rebuilds the activation in its backward, so
+        # no [tokens, ffn] activation is kept for the weight gradient.
+        self.fused_down = cfg.mlp_impl == "triton" and isinstance(self.down, RowParallelLinear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "te"):
             return self.te(x)
         gate, up = self.gate_up(x).chunk(2, dim=-1)
+        if self.fused_down:
+            from megalite.kernels.swiglu import swiglu_linear
+
+            y = swiglu_linear(gate, up, self.down.weight)
+            # The rest of RowParallelLinear.forward (it has no bias here): reduce over TP.
+            g = self.down.ps.tp_group
+            return reduce_scatter_to_sequence(y, g) if self.down.ps.sp else reduce_from_tp(y, g)
         return self.down(self.act(gate, up))
