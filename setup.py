@@ -26,7 +26,7 @@ setup(
     install_requires=["numpy", "pyyaml", "safetensors", "sentencepiece", "tokenizers", "tiktoken",
                       "zstandard", "pyarrow", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "ruff", "triton>=3.0"],
+        "test": ["pytest", "pytest-timeout", "ruff", "triton>=3.0", "transformers"],
         "triton": ["triton>=3.0"],
     },
     entry_points={"console_scripts": ["megalite=megalite.cli:main"]},

@@ -1,0 +1,124 @@
+"""Convert model weights between HF Llama (safetensors) and megalite checkpoints.
+
+    python tools/convert_checkpoint.py --from hf --to megalite --input Llama-3.2-1B --output ckpt/
+    python tools/convert_checkpoint.py --from megalite --to hf --input runs/x/checkpoints --output hf/
+
+hf -> megalite writes a weights-only checkpoint (`step_00000000`, `latest`) that any TP/PP/DP layout
+loads (Adam starts fresh), plus `megalite_model.yaml`, the `model:` section to train it with.
+megalite -> hf reads a step directory or a checkpoint root (its `latest`) and writes config.json
+and model.safetensors (sharded above --max-shard-size) for `LlamaForCausalLM.from_pretrained`.
+The output appears atomically: everything is written into a temp dir that is then renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import _common
+import torch
+import yaml
+
+from megalite.config import Config, ConfigError, ModelConfig
+from megalite.training.checkpoint_global import load_global_weights, save_global_weights
+from megalite.training.convert_hf import (
+    hf_config_from_model,
+    hf_to_megalite,
+    megalite_to_hf,
+    model_config_from_hf,
+    model_yaml_section,
+)
+from megalite.training.hf_files import CONFIG, parse_size, read_hf_dir, write_hf_dir
+
+MODEL_YAML = "megalite_model.yaml"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _cast(weights: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    return weights if dtype == "auto" else {k: v.to(DTYPES[dtype]) for k, v in weights.items()}
+
+
+def hf_to_megalite_dir(src: Path, dst: Path, dtype: str) -> str:
+    config, tensors = read_hf_dir(src)
+    model = model_config_from_hf(config, str(src / CONFIG))
+    weights = _cast(hf_to_megalite(tensors, model, str(src)), dtype)
+    step_dir = save_global_weights(dst, 0, weights, Config(model=model), {"converted_from": str(src)})
+    header = f"# megalite model section for the weights converted from {src}\n"
+    (dst / MODEL_YAML).write_text(header + yaml.safe_dump(model_yaml_section(model), sort_keys=False))
+    return f"{len(weights)} tensors -> {step_dir.name}, {MODEL_YAML}"
+
+
+def _saved_model_config(meta: dict, where: str) -> ModelConfig:
+    saved = meta.get("config", {}).get("model")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{where}: no model config in the checkpoint metadata")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    try:
+        return ModelConfig(**{k: v for k, v in saved.items() if k in known})
+    except TypeError as e:
+        raise ConfigError(f"{where}: bad model config in the checkpoint metadata ({e})") from None
+
+
+def megalite_to_hf_dir(src: Path, dst: Path, dtype: str, max_shard_bytes: int) -> str:
+    meta, weights = load_global_weights(src)
+    where = f"{src} (step {meta.get('step')})"
+    model = _saved_model_config(meta, where)
+    hf = megalite_to_hf(_cast(weights, dtype), model, where)
+    config = hf_config_from_model(model, hf["model.embed_tokens.weight"].dtype)
+    files = write_hf_dir(dst, config, hf, max_shard_bytes)
+    return f"step {meta.get('step')}: {len(weights)} tensors -> {CONFIG}, {', '.join(files)}"
+
+
+def write_atomically(output: Path, overwrite: bool, fill: Callable[[Path], str]) -> str:
+    """Fills a temp dir beside `output`, then renames it into place; a failure leaves no output."""
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())) and not overwrite:
+        raise ConfigError(f"{output}: output exists and is not empty (pass --overwrite to replace it)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should get the usual mode
+    try:
+        summary = fill(tmp)
+        old = None
+        if output.exists():  # moved aside, not deleted, until the new output is in place
+            old = output.parent / f"{tmp.name}.old"
+            os.replace(output, old)
+        os.replace(tmp, output)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return summary
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--from", dest="src_fmt", choices=("hf", "megalite"), required=True)
+    ap.add_argument("--to", dest="dst_fmt", choices=("hf", "megalite"), required=True)
+    ap.add_argument("--input", required=True, type=Path, help="HF model dir, or megalite step dir / checkpoint root")
+    ap.add_argument("--output", required=True, type=Path)
+    ap.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                    help="dtype of the written weights (auto: as stored in the input)")
+    ap.add_argument("--max-shard-size", default="5GB", help="HF output: split model.safetensors above this size")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    args = ap.parse_args()
+    if args.src_fmt == args.dst_fmt:
+        raise ConfigError(f"--from and --to are both '{args.src_fmt}'; nothing to convert")
+    if args.src_fmt == "hf":
+        summary = write_atomically(args.output, args.overwrite,
+                                   lambda d: hf_to_megalite_dir(args.input, d, args.dtype))
+    else:
+        shard_bytes = parse_size(args.max_shard_size)
+        summary = write_atomically(args.output, args.overwrite,
+                                   lambda d: megalite_to_hf_dir(args.input, d, args.dtype, shard_bytes))
+    print(f"converted {args.input} ({args.src_fmt}) -> {args.output} ({args.dst_fmt}): {summary}")
+
+
+if __name__ == "__main__":
+    _common.run_main(main)
