@@ -284,6 +284,16 @@ def build_pretrain_datasets(cfg: DataConfig, seq_len: int, seed: int, tokenizer:
     without it). Call it on every rank: one rank per file system builds the indices, the others
     wait for them and map them.
     """
+    try:
+        return _build_pretrain_datasets(cfg, seq_len, seed, tokenizer, num_samples, global_batch_size)
+    except (OSError, TimeoutError) as e:
+        # Disk problems in the cache (read-only, full, a builder that never finished) are config problems.
+        raise ConfigError(f"data.cache_dir '{cfg.cache_dir}': {e}") from None
+
+
+def _build_pretrain_datasets(cfg: DataConfig, seq_len: int, seed: int, tokenizer: Tokenizer,
+                             num_samples: dict[str, int | None] | int | None,
+                             global_batch_size: int | None):
     if isinstance(num_samples, dict):
         wanted = {s: num_samples.get(s) for s in SPLITS}
     else:

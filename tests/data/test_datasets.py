@@ -154,3 +154,10 @@ def test_one_rank_builds_the_index_others_wait(tmp_path):
         p.join(timeout=60)
     assert [r[1] for r in results] == [1, 0, 0]  # only LOCAL_RANK 0 built
     assert results[0][2] == results[1][2] == results[2][2]
+
+
+def test_unwritable_cache_is_a_config_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="data.cache_dir"):
+        build_pretrain_datasets(DataConfig(path=_shard(tmp_path), cache_dir=str(blocker / "sub")), 16, 1, TOK)
