@@ -13,10 +13,11 @@ from collections.abc import Iterable
 
 import torch
 
-from megalite.config import ConfigError, TrainConfig
+from megalite.config import ConfigError, ModelConfig, TrainConfig
 
 
-def resolve_precision(train: TrainConfig, device: torch.device) -> str:
+def resolve_precision(train: TrainConfig, device: torch.device, model: ModelConfig | None = None) -> str:
+    """Pass `model` so that fp8 is also refused when no layer would run through TE (silently BF16)."""
     p = train.precision
     if p == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
@@ -26,6 +27,10 @@ def resolve_precision(train: TrainConfig, device: torch.device) -> str:
         raise ConfigError("train.precision=fp16 needs a CUDA GPU; use fp32 or bf16 on CPU")
     if p == "fp8":
         from megalite.kernels.te import FP8Unavailable, check_fp8
+
+        if model is not None and "te" not in (model.linear_impl, model.mlp_impl):
+            raise ConfigError("train.precision=fp8 needs model.linear_impl=te and/or model.mlp_impl=te "
+                              "(FP8 runs only inside Transformer Engine modules)")
 
         try:
             check_fp8(train.fp8_recipe, device)
