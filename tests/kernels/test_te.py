@@ -39,6 +39,12 @@ def test_missing_te_is_one_clear_line(no_te):
         resolve_precision(TrainConfig(precision="fp8"), torch.device("cpu"))
 
 
+def test_fp8_without_te_layers_is_refused(monkeypatch):
+    fake_te.install(monkeypatch)
+    with pytest.raises(ConfigError, match="needs model.linear_impl=te"):
+        resolve_precision(TrainConfig(precision="fp8"), torch.device("cpu"), CFG)
+
+
 def test_non_fp8_precisions_never_touch_te(no_te):
     ctx = te.fp8_autocast_factory("bf16", "delayed")
     with ctx():
