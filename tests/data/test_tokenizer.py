@@ -93,3 +93,21 @@ def test_sentencepiece_word_cache_is_exact(trained):
         direct = tok.sp.encode(texts)
         assert lengths.tolist() == [len(d) for d in direct]
         assert flat.tolist() == [t for d in direct for t in d]
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "hf"])
+def test_preprocess_with_trained_tokenizers(trained, tmp_path, kind):
+    from megalite.data.indexed import IndexedDataset
+    from megalite.data.preprocess import preprocess
+
+    model = str(trained["sentencepiece" if kind == "sentencepiece" else "hf-bpe"])
+    texts = [f"line {i}: " + TEXT * (i % 5) + "  trailing  " * (i % 2) for i in range(700)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    preprocess([str(src)], str(tmp_path / "o"), kind, model, append_eod=True, workers=2, progress=False,
+               chunk_bytes=8192)
+    tok = build_tokenizer(kind, model)
+    ds = IndexedDataset(tmp_path / "o_text_document")
+    assert len(ds) == len(texts)
+    for i in range(0, len(texts), 7):
+        assert ds[i].tolist() == tok.encode(texts[i]) + [tok.eod]
