@@ -23,6 +23,13 @@ _LAYER_RENAMES = {
 }
 _QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
 _GATE_UP = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
+# Transformer Engine layer-spec names (norms fused into LayerNormLinear / LayerNormMLP) -> ours.
+_TE_RENAMES = {
+    "attn.qkv.layer_norm_weight": "attn_norm.weight",
+    "mlp.te.layer_norm_weight": "mlp_norm.weight",
+    "mlp.te.fc1_weight": "mlp.gate_up.weight",
+    "mlp.te.fc2_weight": "mlp.down.weight",
+}
 # Buffers some older HF exports saved; recomputed from the config, so safe to drop.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -32,8 +39,9 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def _field(cfg: dict, key: str, kind: type, where: str, default: Any = None) -> Any:
-    value = cfg.get(key, default)
-    if value is None and default is None:
+    value = cfg.get(key)
+    value = default if value is None else value  # HF writes null for "use the default"
+    if value is None:
         raise ConfigError(f"{where}: missing field '{key}'")
     ok = isinstance(value, kind) and not isinstance(value, bool) if kind is not bool else isinstance(value, bool)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -213,9 +221,20 @@ def _check_blocks(ts: list[torch.Tensor], parts: tuple[str, ...], i: int, m: Mod
                               f"the config implies {[rows[p], h]}")
 
 
+def canonical_names(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint saved with the TE layer spec, under the torch spec's names (same tensors)."""
+    out = {}
+    for name, t in w.items():
+        layer, _, rest = name.partition(".") if name.startswith("layers.") else ("", "", name)
+        idx, _, tail = rest.partition(".")
+        out[f"layers.{idx}.{_TE_RENAMES[tail]}" if layer and tail in _TE_RENAMES else name] = t
+    return out
+
+
 def megalite_to_hf(w: dict[str, torch.Tensor], m: ModelConfig, where: str) -> dict[str, torch.Tensor]:
     """megalite global tensors -> HF state dict. Fused blocks are cloned: safetensors refuses
     tensors that share storage."""
+    w = canonical_names(w)
     check_shapes(w, m, where)
     out = {"model.embed_tokens.weight": w["embedding.weight"], "model.norm.weight": w["final_norm.weight"]}
     if not m.tie_embeddings:

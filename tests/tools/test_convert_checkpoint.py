@@ -19,6 +19,7 @@ from megalite.parallel.state import ParallelState
 from megalite.testing import run_distributed
 from megalite.training import checkpoint as ckpt
 from megalite.training.checkpoint_global import load_global_weights
+from megalite.training.convert_hf import megalite_to_hf
 from megalite.training.trainer import Trainer
 from tests.training.common import TINY
 
@@ -103,6 +104,21 @@ def test_megalite_hf_megalite_round_trip_is_bit_exact(tmp_path, monkeypatch, cap
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_transformer_engine_names_export_like_torch_names(tmp_path):
+    _megalite_checkpoint(tmp_path / "a", tied=False)
+    meta, w = load_global_weights(tmp_path / "a")
+    m = ModelConfig(**meta["config"]["model"])
+    te_names = {"attn_norm.weight": "attn.qkv.layer_norm_weight", "mlp_norm.weight": "mlp.te.layer_norm_weight",
+                "mlp.gate_up.weight": "mlp.te.fc1_weight", "mlp.down.weight": "mlp.te.fc2_weight"}
+    te = {}
+    for name, t in w.items():
+        tail = name.split(".", 2)[-1]
+        te[name.replace(tail, te_names[tail]) if name.startswith("layers.") and tail in te_names else name] = t
+    assert te.keys() != w.keys()
+    ours, theirs = megalite_to_hf(w, m, "a"), megalite_to_hf(te, m, "te")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_dtype_flag_and_the_real_command_line(tmp_path):
     _megalite_checkpoint(tmp_path / "a", tied=True)
     r = subprocess.run([sys.executable, str(TOOL), "--from", "megalite", "--to", "hf", "--input", str(tmp_path / "a"),
@@ -120,7 +136,7 @@ def test_exported_model_matches_transformers_logits(tmp_path, monkeypatch, capsy
     model = _megalite_checkpoint(tmp_path / "a", tied)
     assert convert(monkeypatch, capsys, "--from", "megalite", "--to", "hf", "--input", tmp_path / "a",
                    "--output", tmp_path / "hf")[0] == 0
-    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, model.full_logits(tokens), atol=1e-4, rtol=0)
