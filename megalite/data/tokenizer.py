@@ -144,7 +144,9 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.encode(texts, num_threads=1)
 
     def encode_batch_flat(self, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-        if self._wc is None:
+        # A literal U+2581 is SentencePiece's own space symbol: next to a real space it can merge
+        # two of our words into one of its own, so such (rare) batches are encoded directly.
+        if self._wc is None or any("\u2581" in t for t in texts):
             return super().encode_batch_flat(texts, dtype)
         flat, lengths = self._cached_flat(texts, np.dtype(dtype))
         if self._verify_left > 0:

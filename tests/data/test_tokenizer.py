@@ -87,12 +87,14 @@ def test_sentencepiece_word_cache_is_exact(trained):
     rnd = random.Random(0)
     alphabet = list("ab xyz  \t\n.,é漢0123") + ["\u00a0", "  ", "<|im_start|>", "def ", "    return"]
     texts = ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 40))) for _ in range(3000)]
+    texts += [t + "\u2581 " + t for t in texts[:50]]  # SentencePiece's own space symbol, next to a space
     tok._verify_left = 0  # exercise the cached path only
     for dtype in (np.uint16, np.int32):
-        flat, lengths = tok.encode_batch_flat(texts, np.dtype(dtype))
-        direct = tok.sp.encode(texts)
-        assert lengths.tolist() == [len(d) for d in direct]
-        assert flat.tolist() == [t for d in direct for t in d]
+        for batch in (texts[i : i + 50] for i in range(0, len(texts), 50)):
+            flat, lengths = tok.encode_batch_flat(batch, np.dtype(dtype))
+            direct = tok.sp.encode(batch)
+            assert lengths.tolist() == [len(d) for d in direct]
+            assert flat.tolist() == [t for d in direct for t in d]
 
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "hf"])
