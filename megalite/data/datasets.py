@@ -280,8 +280,7 @@ def build_pretrain_datasets(cfg: DataConfig, seq_len: int, seed: int, tokenizer:
     """(train, valid, test) sequences of int64 windows of seq_len+1 tokens; a split may be None.
 
     `num_samples`: samples wanted per split ({"train": n, ...} or an int for train); by default one
-    epoch. `global_batch_size` converts a curriculum's steps into samples (1 sample per step
-    without it). Call it on every rank: one rank per file system builds the indices, the others
+    epoch. `global_batch_size` converts a curriculum's steps into samples (required with one). Call it on every rank: one rank per file system builds the indices, the others
     wait for them and map them.
     """
     try:
@@ -358,6 +357,9 @@ def _parse_curriculum(curriculum: list[Any] | None, gbs: int | None) -> list[tup
     """[(first sample, [(prefix, weight)])] sorted by start."""
     if not curriculum:
         return []
+    if gbs is None:
+        raise ConfigError("data.curriculum: steps need the global batch size; the caller must pass "
+                          "build_pretrain_datasets(..., global_batch_size=train.global_batch_size)")
     stages = []
     for i, st in enumerate(curriculum):
         where = f"data.curriculum[{i}]"
@@ -369,7 +371,7 @@ def _parse_curriculum(curriculum: list[Any] | None, gbs: int | None) -> list[tup
         entries = parse_blend(st["blend"], f"{where}.blend")
         if any(w is None for _, w in entries):
             raise ConfigError(f"{where}.blend: a curriculum stage needs explicit weights")
-        stages.append((step * (gbs or 1), entries))
+        stages.append((step * gbs, entries))
     stages.sort(key=lambda s: s[0])
     return stages
 
