@@ -69,7 +69,7 @@ def megalite_to_hf_dir(src: Path, dst: Path, dtype: str, max_shard_bytes: int) -
     where = f"{src} (step {meta.get('step')})"
     model = _saved_model_config(meta, where)
     hf = megalite_to_hf(_cast(weights, dtype), model, where)
-    config = hf_config_from_model(model, hf["model.embed_tokens.weight"].dtype)
+    config = hf_config_from_model(model, hf["model.embed_tokens.weight"].dtype, where)
     files = write_hf_dir(dst, config, hf, max_shard_bytes)
     return f"step {meta.get('step')}: {len(weights)} tensors -> {CONFIG}, {', '.join(files)}"
 
@@ -90,8 +90,10 @@ def write_atomically(output: Path, overwrite: bool, fill: Callable[[Path], str])
             old = output.parent / f"{tmp.name}.old"
             os.replace(output, old)
         os.replace(tmp, output)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if old is not None and old.is_dir():
+            shutil.rmtree(old)
+        elif old is not None:
+            old.unlink()
         return summary
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

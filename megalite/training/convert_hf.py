@@ -103,17 +103,17 @@ def model_config_from_hf(cfg: Any, where: str) -> ModelConfig:
         init_std=_field(cfg, "initializer_range", float, where, 0.02), **_rope(cfg, where))
 
 
-def hf_config_from_model(m: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+def hf_config_from_model(m: ModelConfig, dtype: torch.dtype, where: str) -> dict[str, Any]:
     """config.json for LlamaForCausalLM (transformers 4 keys, which transformers 5 also reads)."""
     if m.qk_norm:
-        raise ConfigError("model.qk_norm is true; HF LlamaForCausalLM has no q/k norms")
+        raise ConfigError(f"{where}: model.qk_norm is true; HF LlamaForCausalLM has no q/k norms")
     rope = None
     if m.rope_scaling == "llama3":
         rope = {"rope_type": "llama3", "factor": m.rope_scaling_factor, "low_freq_factor": m.rope_low_freq_factor,
                 "high_freq_factor": m.rope_high_freq_factor,
                 "original_max_position_embeddings": m.rope_original_max_positions}
     elif m.rope_scaling != "none":
-        raise ConfigError(f"model.rope_scaling '{m.rope_scaling}' has no HF equivalent")
+        raise ConfigError(f"{where}: model.rope_scaling '{m.rope_scaling}' has no HF equivalent")
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": m.vocab_size,
             "hidden_size": m.hidden_size, "intermediate_size": m.ffn_size, "num_hidden_layers": m.num_layers,
             "num_attention_heads": m.num_heads, "num_key_value_heads": m.kv_heads, "head_dim": m.head_dim,

@@ -18,7 +18,7 @@ from megalite.model import LlamaModel
 from megalite.parallel.state import ParallelState
 from megalite.testing import run_distributed
 from megalite.training import checkpoint as ckpt
-from megalite.training.checkpoint_global import load_global_weights
+from megalite.training.checkpoint_global import load_global_weights, save_global_weights
 from megalite.training.convert_hf import megalite_to_hf
 from megalite.training.trainer import Trainer
 from tests.training.common import TINY
@@ -246,6 +246,14 @@ def test_bad_inputs_fail_with_one_line_naming_the_problem(tmp_path, monkeypatch,
     fails("model.safetensors: cannot read safetensors", *to_ml, hf)
     (hf / "model.safetensors").unlink()
     fails("neither model.safetensors nor model.safetensors.index.json found", *to_ml, hf)
+
+    # A megalite model HF Llama cannot express.
+    meta, w = load_global_weights(tmp_path / "a")
+    qk = ModelConfig(**{**meta["config"]["model"], "qk_norm": True})
+    w.update({f"layers.{i}.attn.{n}_norm.weight": torch.ones(16) for i in range(2) for n in "qk"})
+    save_global_weights(tmp_path / "qk", 1, w, Config(model=qk))
+    fails("model.qk_norm is true; HF LlamaForCausalLM has no q/k norms", "--from", "megalite", "--to", "hf",
+          "--input", tmp_path / "qk")
 
     (out / "keep").mkdir(parents=True)
     code, err = convert(monkeypatch, capsys, "--from", "megalite", "--to", "hf", "--input", tmp_path / "a",
