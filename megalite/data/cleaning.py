@@ -16,7 +16,6 @@ import hashlib
 import re
 import unicodedata
 import zlib
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,30 +193,49 @@ def gopher_repetition(text: str, words: list[str], cfg: GopherConfig) -> str | N
         return "gopher_dup_lines"
     if char_frac > cfg.max_dup_line_char_ratio:
         return "gopher_dup_line_chars"
-    total = sum(len(w) for w in words) or 1
+    if not words:
+        return None
+    # Word n-grams as 64-bit rolling hashes over word ids: numpy work instead of tuples per position.
+    vocab: dict[str, int] = {}
+    ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.uint64, count=len(words))
+    with np.errstate(over="ignore"):
+        ids = (ids + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        ids ^= ids >> np.uint64(29)
+    wlen = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
+    csum = np.concatenate([[0], np.cumsum(wlen)])
+    total = int(csum[-1]) or 1
     for n, limit in sorted(cfg.top_ngram_char_ratio.items()):
         if len(words) < n:
             continue
-        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-        gram, count = grams.most_common(1)[0]
-        if count > 1 and count * sum(len(w) for w in gram) / total > limit:
-            return f"gopher_top_{n}gram"
+        h = _ngram_hashes(ids, n)
+        _, first, counts = np.unique(h, return_index=True, return_counts=True)
+        top = counts.max()
+        if top > 1:
+            # Among the most frequent n-grams, the one covering the most characters.
+            chars = (csum[first + n] - csum[first])[counts == top].max()
+            if top * chars / total > limit:
+                return f"gopher_top_{n}gram"
     for n, limit in sorted(cfg.dup_ngram_char_ratio.items()):
         if len(words) < n:
             continue
-        seen: set[tuple[str, ...]] = set()
-        covered = np.zeros(len(words), dtype=bool)
-        for i in range(len(words) - n + 1):
-            g = tuple(words[i : i + n])
-            if g in seen:
-                covered[i : i + n] = True
-            else:
-                seen.add(g)
-        if covered.any():
-            dup_chars = sum(len(w) for w, c in zip(words, covered) if c)
-            if dup_chars / total > limit:
+        h = _ngram_hashes(ids, n)
+        _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+        starts = np.nonzero(first[inverse] != np.arange(len(h)))[0]  # n-grams seen before
+        if len(starts):
+            depth = np.cumsum(np.bincount(starts, minlength=len(words) + 1)
+                              - np.bincount(starts + n, minlength=len(words) + 1))[: len(words)]
+            if wlen[depth > 0].sum() / total > limit:
                 return f"gopher_dup_{n}gram"
     return None
+
+
+def _ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
+    k = len(ids) - n + 1
+    h = np.zeros(k, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(n):
+            h = h * np.uint64(0x100000001B3) + ids[j : j + k]
+    return h
 
 
 def gopher_quality(text: str, words: list[str], cfg: GopherConfig) -> str | None:
