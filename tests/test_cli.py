@@ -31,6 +31,8 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     (["model.hidden_sise=64"], "unknown config key 'model.hidden_sise'"),
     (["train.micro_batch_size=two"], "'train.micro_batch_size' in command-line overrides: expected an integer"),
     (["optim.decay=exponential"], "unknown optim.decay 'exponential'"),
+    (["train.precision=fp8"], "precision=fp8"),  # never a silent downgrade to bf16
+    (["parallel.pipeline_schedule=zigzag"], "unknown parallel.pipeline_schedule 'zigzag'"),
 ])
 def test_bad_config_is_one_line(tmp_path, overrides, expected):
     r = _cli("pretrain", *TINY, f"train.run_dir={tmp_path}", *overrides)

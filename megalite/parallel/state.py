@@ -35,6 +35,7 @@ class ParallelState:
     dp_group: dist.ProcessGroup | None = None
     mp_group: dist.ProcessGroup | None = None  # TP x PP: one model replica (for the grad norm)
     embedding_group: dist.ProcessGroup | None = None  # first + last PP stage (tied embeddings)
+    tp_dp_group: dist.ProcessGroup | None = None  # all ranks of this pipeline stage (FP8 amax)
     pp_ranks: list[int] = field(default_factory=lambda: [0])  # global ranks of my pipeline
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -168,6 +169,8 @@ def build_parallel_state(par: ParallelConfig, device: torch.device | None = None
     ps.pp_ranks = next(r for r in pp_lists if rank in r)
     ps.mp_group = make([[R(t, c, d, p) for p in range(pp) for t in range(tp)]
                         for d in range(dp) for c in range(cp)])
+    ps.tp_dp_group = make([[R(t, c, d, p) for d in range(dp) for c in range(cp) for t in range(tp)]
+                           for p in range(pp)])
     emb_lists = [sorted({r[0], r[-1]}) for r in pp_lists]
     ps.embedding_group = make(emb_lists)
     return ps

@@ -39,19 +39,26 @@ def resolve_precision(train: TrainConfig, device: torch.device, model: ModelConf
     return p
 
 
-def autocast(precision: str, device: torch.device, fp8_recipe: str = "delayed"):
+def make_autocast(precision: str, device: torch.device, fp8_recipe: str = "delayed", amax_group=None):
+    """A zero-argument factory of the context every forward runs under (built once: the FP8 recipe
+    is created a single time and reused). `amax_group` is the TP x DP group of this pipeline stage,
+    over which delayed scaling reduces amax histories."""
     if precision == "fp32":
-        return contextlib.nullcontext()
+        return contextlib.nullcontext
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    ctx = torch.autocast(device.type, dtype=dtype)
     if precision != "fp8":
-        return ctx
+        return lambda: torch.autocast(device.type, dtype=dtype)
     from megalite.kernels.te import fp8_autocast_factory
 
-    stack = contextlib.ExitStack()
-    stack.enter_context(ctx)
-    stack.enter_context(fp8_autocast_factory("fp8", fp8_recipe)())
-    return stack
+    fp8 = fp8_autocast_factory("fp8", fp8_recipe, amax_group)
+
+    def both() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device.type, dtype=dtype))
+        stack.enter_context(fp8())
+        return stack
+
+    return both
 
 
 class LossScaler:

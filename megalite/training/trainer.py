@@ -46,7 +46,7 @@ from megalite.training.forward_backward import get_forward_backward
 from megalite.training.lr_schedule import lr_at
 from megalite.training.metrics import MetricsLogger, peak_flops
 from megalite.training.optimizer import build_optimizer
-from megalite.training.precision import LossScaler, autocast, resolve_precision
+from megalite.training.precision import LossScaler, make_autocast, resolve_precision
 from megalite.training.preemption import PreemptionGuard
 
 
@@ -66,7 +66,10 @@ class Trainer:
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         self.dp = check_layout(m, cfg.parallel, t, world)
         check_schedule(cfg.parallel, t.global_batch_size // (t.micro_batch_size * self.dp), m.num_layers)
-        self.precision = resolve_precision(t, self.device)
+        if t.precision == "fp8" and m.linear_impl == m.mlp_impl == "torch":
+            # FP8 runs only inside Transformer Engine modules: fp8 selects them in the layer spec.
+            m.linear_impl = m.mlp_impl = "te"
+        self.precision = resolve_precision(t, self.device, m)
         lr_at(0, t.train_steps, cfg.optim)  # rejects an unknown decay now, not at step 1
         self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
         if m.vocab_size == 0:
@@ -76,10 +79,13 @@ class Trainer:
                               f"{self.tokenizer.vocab_size}")
         init_distributed(self.device)
         self.ps: ParallelState = build_parallel_state(cfg.parallel, self.device)
+        self.autocast = make_autocast(self.precision, self.device, t.fp8_recipe, self.ps.tp_dp_group)
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.ps.dp)
         self.rng = seed_everything(t.seed, self.ps.tp_rank, self.ps.pp_rank, self.device)
         if datasets is None:
-            datasets = build_pretrain_datasets(cfg.data, t.seq_len, t.seed, self.tokenizer)[:2]
+            wanted = {"train": t.train_steps * t.global_batch_size, "valid": t.eval_steps * t.global_batch_size}
+            datasets = build_pretrain_datasets(cfg.data, t.seq_len, t.seed, self.tokenizer, num_samples=wanted,
+                                               global_batch_size=t.global_batch_size)[:2]
         self.train_ds, self.valid_ds = datasets
         self.chunks = build_model(cfg, self.ps, self.rng)
         self.optimizer = build_optimizer(self.chunks, cfg, self.ps)
@@ -121,7 +127,7 @@ class Trainer:
             c.train()
         num_tokens = float(self._global_sum(loss_token_count(batches)))
         self.optimizer.zero_grad()
-        with autocast(self.precision, self.device, self.cfg.train.fp8_recipe):
+        with self.autocast():
             loss_sum = self.forward_backward(self.chunks, batches, self.ps, num_tokens=num_tokens,
                                              loss_scale=self.scaler.scale,
                                              no_sync=getattr(self.optimizer, "no_sync", None))
@@ -147,7 +153,7 @@ class Trainer:
         for k in range(t.eval_steps):
             batches = self._batches(self.valid_ds, k * t.global_batch_size)
             n = float(self._global_sum(loss_token_count(batches)))
-            with autocast(self.precision, self.device, t.fp8_recipe):
+            with self.autocast():
                 s = self.forward_backward(self.chunks, batches, self.ps, num_tokens=n, forward_only=True)
             total += self._global_sum(s.double())
             count += n
