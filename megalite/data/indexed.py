@@ -226,24 +226,6 @@ class IndexedDatasetWriter:
     def num_documents(self) -> int:
         return self._b.num_documents
 
-    def _check_pointers(self, idx_path: str) -> None:
-        """Pointers must be the running sum of the sizes: checked in full up to 16M sequences, at
-        a fixed sample of positions beyond (opening a huge shard must stay cheap on every rank)."""
-        s = len(self.sizes)
-        if s < 2:
-            return
-        if s <= 1 << 24:
-            at = np.arange(s - 1)
-        else:
-            at = np.unique(np.concatenate([np.arange(4096), np.linspace(0, s - 2, 1 << 16).astype(np.int64),
-                                           np.arange(s - 4097, s - 1)]))
-        step = (self.pointers[at + 1] - self.pointers[at]) // self._item
-        if not np.array_equal(step, self.sizes[at].astype(np.int64)):
-            raise IndexedDatasetError(f"{idx_path}: pointers disagree with sequence sizes (corrupt)")
-
-    def _start(self, i: int) -> int:
-        return int(self.pointers[i]) // self._item
-
     @property
     def num_tokens(self) -> int:
         return self._b.num_tokens
