@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
+    env.pop("TRITON_INTERPRET", None)  # as a user's shell: Triton on a CPU must be refused
     return subprocess.run([sys.executable, "-m", "megalite.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=env)
 
@@ -33,6 +34,8 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     (["optim.decay=exponential"], "unknown optim.decay 'exponential'"),
     (["train.precision=fp8"], "precision=fp8"),  # never a silent downgrade to bf16
     (["parallel.pipeline_schedule=zigzag"], "unknown parallel.pipeline_schedule 'zigzag'"),
+    (["model.norm_impl=triton"], "model.norm_impl=triton runs Triton kernels, which need a CUDA GPU"),
+    (["model.loss_impl=liger"], "model.loss_impl 'liger' is not available"),
 ])
 def test_bad_config_is_one_line(tmp_path, overrides, expected):
     r = _cli("pretrain", *TINY, f"train.run_dir={tmp_path}", *overrides)

@@ -5,6 +5,7 @@ The model only calls these selectors, so swapping an implementation never touche
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -15,6 +16,21 @@ from megalite.config import ConfigError, ModelConfig
 from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megalite.parallel.sharding import TPShard, set_tp_shard
 from megalite.parallel.state import ParallelState
+
+
+def check_impls(cfg: ModelConfig, device: torch.device) -> None:
+    """Rejects, before any work, a spec whose kernels cannot run here: Triton needs a GPU (or the
+    interpreter, for tests), and a name must be one we have."""
+    choices = {"norm_impl": ("torch", "triton", "te"), "mlp_impl": ("torch", "triton", "te"),
+               "linear_impl": ("torch", "te"), "loss_impl": ("torch", "triton", "fused_linear")}
+    for field, allowed in choices.items():
+        impl = getattr(cfg, field)
+        if impl not in allowed:
+            raise ConfigError(f"model.{field} '{impl}' is not available (expected one of: {', '.join(allowed)})")
+        uses_triton = impl in ("triton", "fused_linear")
+        if uses_triton and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ConfigError(f"model.{field}={impl} runs Triton kernels, which need a CUDA GPU "
+                              "(TRITON_INTERPRET=1 runs them slowly on a CPU, for tests); use torch here")
 
 
 def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -23,6 +23,7 @@ from megalite.data import build_pretrain_datasets
 from megalite.data.sampler import get_micro_batch
 from megalite.data.tokenizer import build_tokenizer
 from megalite.model.flops import flops_per_token, param_count
+from megalite.model.spec import check_impls
 from megalite.parallel.comm import all_reduce, broadcast
 from megalite.parallel.finalize import finalize_grads
 from megalite.parallel.pipeline import check_schedule
@@ -70,6 +71,7 @@ class Trainer:
             # FP8 runs only inside Transformer Engine modules: fp8 selects them in the layer spec.
             m.linear_impl = m.mlp_impl = "te"
         self.precision = resolve_precision(t, self.device, m)
+        check_impls(m, self.device)
         lr_at(0, t.train_steps, cfg.optim)  # rejects an unknown decay now, not at step 1
         self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
         if m.vocab_size == 0:
