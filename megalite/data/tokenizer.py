@@ -8,6 +8,7 @@ the chat-template markers the model knows (`<|im_start|>`, `<|im_end|>`, Llama-3
 
 from __future__ import annotations
 
+import abc
 import os
 from pathlib import Path
 
@@ -23,7 +24,7 @@ EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "<|eot_id|>")
 PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     vocab_size: int
     eod: int
     bos: int
@@ -32,11 +33,11 @@ class Tokenizer:
     chat_tokens: dict[str, int]
     name: str = "tokenizer"
 
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, ids: list[int]) -> str: ...
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
