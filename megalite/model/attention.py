@@ -60,7 +60,7 @@ def _flash(q, k, v, doc_ids, dropout_p):
 
 def core_attention(q, k, v, doc_ids, dropout_p: float, backend: str) -> torch.Tensor:
     """q [s, b, nh, d], k/v [s, b, nkv, d] -> [s, b, nh, d]."""
-    if backend == "flash":
+    if backend == "flash" and q.dtype in (torch.float16, torch.bfloat16):  # flash-attn has no fp32 kernels
         return _flash(q, k, v, doc_ids, dropout_p)
     q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
     gqa = q.shape[1] != k.shape[1]
