@@ -102,8 +102,6 @@ def check_layout(model: ModelConfig, par: ParallelConfig, train: TrainConfig, wo
                           f"micro_batch_size*dp = {train.micro_batch_size}*{dp}")
     if par.pp == 1 and par.vpp != 1:
         raise ConfigError("parallel.vpp > 1 needs parallel.pp > 1")
-    if model.num_layers < par.pp * par.vpp and par.pp_layer_split is None:
-        raise ConfigError(f"model.num_layers {model.num_layers} is fewer than pp*vpp = {par.pp * par.vpp}")
     return dp
 
 
