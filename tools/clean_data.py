@@ -14,10 +14,8 @@ import argparse
 import gzip
 import io
 import json
-import multiprocessing as mp
 import os
 import sys
-import threading
 import time
 from collections import Counter
 from typing import IO
@@ -25,6 +23,7 @@ from typing import IO
 import _common  # noqa: F401 - sets up the import path
 
 from megalite.data.cleaning import CleanConfig, Cleaner, Deduplicator, DocResult, load_clean_config
+from megalite.data.pool import bounded_imap
 from megalite.data.readers import Chunk, read_chunks
 
 _cleaner: Cleaner | None = None
@@ -83,30 +82,15 @@ def clean(inputs: list[str], output: str, stats_path: str | None, cfg: CleanConf
     chunks = read_chunks(inputs, [cfg.text_key])
     tmp = f"{output}.{os.getpid()}.tmp"
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    pool = None
-    slots = threading.Semaphore(4 * max(workers, 1))
-
-    def bounded():
-        for c in chunks:
-            slots.acquire()
-            yield c
-
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(unit=" docs", unit_scale=True, mininterval=0.5, file=sys.stderr)
     try:
-        if workers > 0:
-            pool = mp.get_context("fork").Pool(workers, initializer=_init, initargs=(cfg,))
-            results = pool.imap(clean_chunk, bounded(), 1)
-        else:
-            _init(cfg)
-            results = map(clean_chunk, chunks)
-        with _open_output(tmp, output) as out:
+        with bounded_imap(clean_chunk, chunks, workers, _init, (cfg,)) as results, \
+                _open_output(tmp, output) as out:
             for batch in results:
-                if pool is not None:
-                    slots.release()
                 for obj, r in batch:
                     n_in += 1
                     lines_removed += r.lines_removed
@@ -121,17 +105,10 @@ def clean(inputs: list[str], output: str, stats_path: str | None, cfg: CleanConf
                     bar.update(len(batch))
         os.replace(tmp, output)
     except BaseException:
-        if pool is not None:
-            slots.release(1 << 16)
-            pool.terminate()
-            pool = None
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
         if bar is not None:
             bar.close()
     report = {

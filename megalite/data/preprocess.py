@@ -10,10 +10,8 @@ pool's ordered imap keeps a bounded window), not the writer.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from megalite.data.indexed import IndexedDatasetWriter, best_dtype, merge_shards
+from megalite.data.pool import bounded_imap
 from megalite.data.readers import Chunk, read_chunks
 from megalite.data.tokenizer import Tokenizer, build_tokenizer
 
@@ -129,13 +128,6 @@ def _partitioned(chunks: Iterator[Chunk], partitions: int) -> Iterator[Chunk]:
         yield c
 
 
-def _bounded(chunks: Iterator[Chunk], slots: threading.Semaphore) -> Iterator[Chunk]:
-    """Pool.imap drains its input as fast as it can; this holds the reader to a window of chunks."""
-    for c in chunks:
-        slots.acquire()
-        yield c
-
-
 def _output_prefix(prefix: str, key: str) -> str:
     return f"{prefix}_{key}_document"
 
@@ -169,44 +161,33 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str, t
     writers: dict[str, IndexedDatasetWriter] = {}
     done_parts: list[int] = []
     current = -1
-    pool = None
-    slots = threading.Semaphore(4 * max(workers, 1))
     try:
-        if workers > 0:
-            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=init)
-            results: Iterator[Encoded] = pool.imap(encode_chunk, _bounded(chunks, slots), 1)
-        else:
-            _init_worker(*init)
-            results = map(encode_chunk, chunks)
-
-        for enc in results:
-            if pool is not None:
-                slots.release()
-            part = enc.tag
-            if part != current:
-                for w in writers.values():
-                    w.finalize()
-                if current >= 0:
-                    done_parts.append(current)
-                writers = {k: IndexedDatasetWriter(part_prefix(k, part), dtype=dtype) for k in keys}
-                current = part
-            if enc.malformed:
-                if strict:
-                    f, line, why = enc.malformed[0]
-                    raise MalformedInput(f"{f}:{line}: {why}")
-                stats.skipped += len(enc.malformed)
-                for f, line, why in enc.malformed[: max(0, 5 - len(stats.skipped_examples))]:
-                    stats.skipped_examples.append(f"{f}:{line}: {why}")
-            for k in keys:
-                writers[k].add_documents(enc.tokens[k], enc.lengths[k])
-                stats.tokens[k] += len(enc.tokens[k])
-            stats.docs += enc.docs
-            if bar is not None:
-                bar.update(enc.docs)
-                el = max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix_str(f"{sum(stats.tokens.values()) / el:,.0f} tok/s, skipped {stats.skipped}",
-                                    refresh=False)
+        with bounded_imap(encode_chunk, chunks, workers, _init_worker, init) as results:
+            for enc in results:
+                part = enc.tag
+                if part != current:
+                    for w in writers.values():
+                        w.finalize()
+                    if current >= 0:
+                        done_parts.append(current)
+                    writers = {k: IndexedDatasetWriter(part_prefix(k, part), dtype=dtype) for k in keys}
+                    current = part
+                if enc.malformed:
+                    if strict:
+                        f, line, why = enc.malformed[0]
+                        raise MalformedInput(f"{f}:{line}: {why}")
+                    stats.skipped += len(enc.malformed)
+                    for f, line, why in enc.malformed[: max(0, 5 - len(stats.skipped_examples))]:
+                        stats.skipped_examples.append(f"{f}:{line}: {why}")
+                for k in keys:
+                    writers[k].add_documents(enc.tokens[k], enc.lengths[k])
+                    stats.tokens[k] += len(enc.tokens[k])
+                stats.docs += enc.docs
+                if bar is not None:
+                    bar.update(enc.docs)
+                    el = max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix_str(f"{sum(stats.tokens.values()) / el:,.0f} tok/s, skipped {stats.skipped}",
+                                        refresh=False)
         if not writers:  # an empty input still yields (empty) shards
             writers = {k: IndexedDatasetWriter(part_prefix(k, 0), dtype=dtype) for k in keys}
             current = 0
@@ -217,15 +198,8 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str, t
     except BaseException:
         for w in writers.values():
             w.abort()
-        if pool is not None:
-            slots.release(1 << 16)  # unblock the reader thread so the pool can shut down
-            pool.terminate()
-            pool = None
         raise
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
         if bar is not None:
             bar.close()
 
