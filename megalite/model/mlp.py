@@ -8,7 +8,6 @@ import torch.nn as nn
 from megalite.config import ModelConfig
 from megalite.model.spec import column_linear, row_linear, swiglu_fn, te_mlp
 from megalite.parallel.layers import RowParallelLinear
-from megalite.parallel.mappings import reduce_from_tp, reduce_scatter_to_sequence
 from megalite.parallel.state import ParallelState
 
 
@@ -33,8 +32,5 @@ class SwiGLUMLP(nn.Module):
         if self.fused_down:
             from megalite.kernels.swiglu import swiglu_linear
 
-            y = swiglu_linear(gate, up, self.down.weight)
-            # The rest of RowParallelLinear.forward (it has no bias here): reduce over TP.
-            g = self.down.ps.tp_group
-            return reduce_scatter_to_sequence(y, g) if self.down.ps.sp else reduce_from_tp(y, g)
+            return self.down.reduce_output(swiglu_linear(gate, up, self.down.weight))
         return self.down(self.act(gate, up))

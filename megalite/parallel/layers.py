@@ -92,7 +92,12 @@ class RowParallelLinear(nn.Module):
         g = self.ps.tp_group
         if not self.input_is_parallel:
             x = scatter_to_tp(x, g)
-        y = F.linear(x, self.weight)
+        return self.reduce_output(F.linear(x, self.weight))
+
+    def reduce_output(self, y: torch.Tensor) -> torch.Tensor:
+        """Sums this rank's partial product over TP (reduce-scatter under SP), then adds the bias.
+        Public so that a fused kernel computing x A^T itself (e.g. SwiGLU + down) can finish here."""
+        g = self.ps.tp_group
         y = reduce_scatter_to_sequence(y, g) if self.ps.sp else reduce_from_tp(y, g)
         return y + self.bias if self.bias is not None else y
 
