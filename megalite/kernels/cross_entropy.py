@@ -4,10 +4,13 @@ Each TP rank holds logits for columns [vocab_start, vocab_start + V_local) of a 
 columns at or past the true `vocab_size` are padding and never enter the softmax.
 
 Forward, per token:
-  1. one pass over the shard (kernel): online max m and sum of exp(x - m), the target logit if the
-     label falls in this shard, and the sum of logits (only with label smoothing);
-  2. TP combine: an all-reduce(MAX) of m, then one all-reduce(SUM) of the rescaled sum-exp and the
-     target logit (plus the logit sum with smoothing); lse = M + log(S);
+  1. one pass over the shard (kernel): an online max m and sum of exp(x - m), folded into the
+     shard's logsumexp m + log(s); the target logit if the label falls in this shard; the sum of
+     logits (only with label smoothing);
+  2. TP combine, one collective: every rank's two scalars per token (three with smoothing) are
+     all-gathered, then reduced locally: lse = logsumexp over ranks, target and logit sum by sum.
+     No ReduceOp computes a logsumexp, and a MAX all-reduce followed by a SUM all-reduce would pay
+     two latencies per chunk for a few bytes per token;
   3. loss = (1-e)(lse - x_t) + e(lse - sum_x / V) + z lse^2, zero for ignored tokens.
 Backward (kernel): d x_j = g_i ((1 + 2 z lse) softmax_j - (1-e)[j = t] - e/V), written by default
 in place into the saved logits buffer, so no second [tokens, V] tensor is allocated. g_i is the
@@ -52,10 +55,11 @@ def _ce_stats_kernel(X, LABELS, STATS, stride_x, valid_cols, vocab_start, ignore
     local = label - vocab_start
     hit = (label != ignore_index) & (local >= 0) & (local < valid_cols)
     tgt = tl.load(x_row + tl.where(hit, local, 0), mask=hit, other=0.0).to(tl.float32)
-    tl.store(STATS + row * 4 + 0, m)
-    tl.store(STATS + row * 4 + 1, s)
-    tl.store(STATS + row * 4 + 2, tl.where(hit, tgt, 0.0))
-    tl.store(STATS + row * 4 + 3, sum_x)
+    # An all-padding shard has m = -inf and s = 0: its lse is -inf, which logsumexp then ignores.
+    lse = tl.where(s > 0.0, m + tl.log(tl.maximum(s, 1e-30)), float("-inf"))
+    tl.store(STATS + row * 3 + 0, lse)
+    tl.store(STATS + row * 3 + 1, tl.where(hit, tgt, 0.0))
+    tl.store(STATS + row * 3 + 2, sum_x)
 
 
 @triton.jit
@@ -84,9 +88,9 @@ def _ce_grad_kernel(X, DX, LABELS, LSE, SCALE, stride_x, stride_dx, n_cols, vali
 
 def shard_stats(x2: torch.Tensor, labels: torch.Tensor, vocab_start: int, valid_cols: int,
                 ignore_index: int, need_sum: bool) -> torch.Tensor:
-    """[rows, 4] fp32: (shard max, shard sum-exp relative to it, target logit or 0, logit sum)."""
+    """[rows, 3] fp32: (shard logsumexp, target logit or 0, logit sum or 0)."""
     n_rows = x2.shape[0]
-    stats = torch.empty((n_rows, 4), dtype=torch.float32, device=x2.device)
+    stats = torch.empty((n_rows, 3), dtype=torch.float32, device=x2.device)
     if n_rows:
         _ce_stats_kernel[(n_rows,)](x2, labels, stats, x2.stride(0), valid_cols, vocab_start, ignore_index,
                                     HAS_SMOOTH=need_sum, BLOCK=_BLOCK, num_warps=warps_for(_BLOCK))
@@ -94,17 +98,16 @@ def shard_stats(x2: torch.Tensor, labels: torch.Tensor, vocab_start: int, valid_
 
 
 def combine_stats(stats: torch.Tensor, tp_group: Group, need_sum: bool):
-    """The TP step: global max, then one SUM all-reduce of the scalars. Returns (lse, tgt, sum_x)."""
-    m = stats[:, 0].clone()
-    comm.all_reduce(m, tp_group, op=torch.distributed.ReduceOp.MAX)
+    """The TP step: one all-gather of the per-token scalars, reduced here. Returns (lse, tgt, sum_x)."""
     width = 3 if need_sum else 2
-    packed = stats[:, 1:1 + width].clone()
-    # exp(-inf - M) = 0 rescales an all-padding shard's empty sum correctly.
-    packed[:, 0] *= torch.exp(stats[:, 0] - m)
-    comm.all_reduce(packed, tp_group)
-    lse = m + torch.log(packed[:, 0])
-    sum_x = packed[:, 2] if need_sum else None
-    return lse, packed[:, 1], sum_x
+    local = stats[:, :width]
+    if comm.group_size(tp_group) == 1:
+        # The gradient kernel indexes lse by row, so it must not stay a strided column view.
+        return local[:, 0].contiguous(), local[:, 1], (local[:, 2] if need_sum else None)
+    every = comm.all_gather_dim0(local.unsqueeze(0), tp_group)  # [tp, rows, width]
+    lse = torch.logsumexp(every[:, :, 0], dim=0)
+    rest = every[:, :, 1:].sum(dim=0)
+    return lse, rest[:, 0], (rest[:, 1] if need_sum else None)
 
 
 def token_losses(lse: torch.Tensor, tgt: torch.Tensor, sum_x: torch.Tensor | None, valid: torch.Tensor,

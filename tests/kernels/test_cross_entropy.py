@@ -170,9 +170,9 @@ def test_vocab_parallel_over_tp_ranks(tp):
         for r in results:
             assert_close64(r[red][0], ref, torch.float32, f"tp={tp} {red} loss")
             assert (r[red][2] == 0).all(), "padding columns must get zero gradient"
-            # Two all-reduces per call: MAX of one scalar, SUM of two (three with smoothing) per token.
-            assert r[red][3] == {"all_reduce": 2}
-            assert r[red][4] == {"all_reduce": n * 4 * (1 + 3)}
+            # One collective per call: every rank's lse, target logit and (with smoothing) logit sum.
+            assert r[red][3] == {"all_gather": 1}
+            assert r[red][4] == {"all_gather": tp * n * 3 * 4}
         assert_close64(dx, ref_dx, torch.float32, f"tp={tp} {red} dlogits")
 
     h64 = hidden.double().requires_grad_()
