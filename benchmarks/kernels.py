@@ -1,4 +1,5 @@
-"""Kernel benchmarks: RMSNorm, SwiGLU, cross-entropy and fused linear cross-entropy.
+"""Kernel benchmarks: RMSNorm (alone and with the residual add fused), SwiGLU, cross-entropy and fused
+linear cross-entropy.
 
 For each kernel and shape: time (forward, and forward+backward), achieved GB/s counting each input
 read once and each output written once, that as a % of the measured copy bandwidth, time ratios
@@ -53,14 +54,19 @@ def _flce_eager(h, w, labels):
     return F.cross_entropy(F.linear(h, w).float(), labels, reduction="mean")
 
 
+def _add_rms_eager(x, r, w):
+    h = r + x
+    return torch_rms_norm(h, w, 1e-5), h
+
+
 def impls(kind: str, device: torch.device, use_compile: bool, interpret: bool) -> dict[str, Callable]:
     eager = {"rmsnorm": lambda x, w: torch_rms_norm(x, w, 1e-5), "swiglu": torch_swiglu,
-             "ce": _ce_eager, "flce": _flce_eager}[kind]
+             "addnorm": _add_rms_eager, "ce": _ce_eager, "flce": _flce_eager}[kind]
     out: dict[str, Callable] = {"eager": eager}
     if use_compile:
         out["compile"] = torch.compile(eager, dynamic=False)
     lf = _liger() if device.type == "cuda" else None
-    if lf is not None:
+    if lf is not None and kind != "addnorm":
         out["liger"] = {"rmsnorm": lambda x, w: lf.liger_rms_norm(x, w, 1e-5),
                         "swiglu": lf.liger_swiglu,
                         "ce": lambda lg, lab: lf.liger_cross_entropy(lg, lab),
@@ -69,6 +75,7 @@ def impls(kind: str, device: torch.device, use_compile: bool, interpret: bool) -
     if device.type == "cuda" or (interpret and kind in ("ce", "flce")):
         from megalite import kernels as mk
         out["megalite"] = {"rmsnorm": lambda x, w: mk.rms_norm(x, w, 1e-5), "swiglu": mk.swiglu,
+                           "addnorm": lambda x, r, w: mk.rms_norm(x, w, 1e-5, residual=r),
                            "ce": lambda lg, lab: mk.cross_entropy(lg, lab, reduction="mean"),
                            "flce": lambda h, w, lab: mk.fused_linear_cross_entropy(h, w, lab, reduction="mean"),
                            }[kind]
@@ -171,9 +178,10 @@ def measure(kind: str, shape: str, name: str, fn: Callable, inputs: list[torch.T
 
     def fwdbwd():
         out = fn(*inputs)
-        g = torch.ones_like(out) if out.dim() else None
+        outs = out if isinstance(out, tuple) else (out,)
+        g = [torch.ones_like(o) for o in outs] if outs[0].dim() else None
         # autograd.grad, not .backward(): nothing accumulates into .grad between iterations
-        return torch.autograd.grad(out, diff, g)
+        return torch.autograd.grad(outs, diff, g)
 
     if name.endswith("(interp)"):  # interpreted kernels: only their peak memory is worth a (slow) call
         peak = peak_extra_bytes(fwdbwd, device)
@@ -223,6 +231,10 @@ def cases(args, device: torch.device, dtype: torch.dtype):
 
     for n in tokens:
         yield rms(n, hidden)
+        # The decoder layer's residual add + pre-norm: x, r, w -> y, h; bwd adds dy, dh in and dx, dw out
+        yield ("addnorm", f"{n}x{hidden}", lambda n=n: [rnd(n, hidden), rnd(n, hidden),
+                                                         torch.ones(hidden, device=device, dtype=dtype)], 3,
+               (4 * n * hidden + hidden) * e, (8 * n * hidden + 2 * hidden) * e + n * 4)
         yield ("swiglu", f"{n}x{ffn}", lambda n=n: [rnd(n, ffn), rnd(n, ffn)], 2, 3 * n * ffn * e, 5 * n * ffn * e)
     for h in sweep:
         if h != hidden or sweep_tokens not in tokens:
@@ -285,7 +297,7 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", help="bfloat16 on a GPU, float32 on a CPU by default")
     p.add_argument("--tokens", type=int, nargs="*")
     p.add_argument("--sweep", type=int, nargs="*", help="RMSNorm hidden sizes")
-    p.add_argument("--only", nargs="*", choices=["rmsnorm", "swiglu", "ce", "flce"])
+    p.add_argument("--only", nargs="*", choices=["rmsnorm", "addnorm", "swiglu", "ce", "flce"])
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megalite.kernels._common import as_rows, check_device, check_float, num_programs, warps_for
+from megalite.kernels._common import FLOAT_DTYPES, as_rows, check_device, check_float, num_programs, warps_for
 
 FWD_MAX_BLOCK = 32768
 BWD_MAX_BLOCK = 16384
@@ -127,28 +127,35 @@ def _rms_bwd_kernel(DY, X, W, RSTD, DH, DX, DW_PART, stride_dy, stride_x, stride
                 tl.store(dw_row + cols, dw + dy * xhat, mask=mask)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
+           out_dtype: torch.dtype | None) -> None:
     check_float(x, "rms_norm: x")
     check_float(weight, "rms_norm: weight")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"rms_norm: residual {tuple(residual.shape)}/{residual.dtype} must match "
-                         f"x {tuple(x.shape)}/{x.dtype}")
+    if residual is not None:
+        check_float(residual, "rms_norm: residual")
+        if residual.shape != x.shape:
+            raise ValueError(f"rms_norm: residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"rms_norm: out_dtype {out_dtype} is not supported (use float32, float16 or bfloat16)")
     check_device(x, weight)
 
 
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float,
+                out_dtype: torch.dtype | None):
         shape = x.shape
         x2 = as_rows(x, "rms_norm: x")
         n_rows, n_cols = x2.shape
         has_res = residual is not None
         r2 = as_rows(residual, "rms_norm: residual") if has_res else x2
         w = weight.contiguous()
-        y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-        h = torch.empty_like(y) if has_res else y
+        # h = x + residual keeps the wider dtype (a bf16 sublayer output added to an fp32 stream).
+        h_dtype = torch.promote_types(x.dtype, residual.dtype) if has_res else x.dtype
+        y = torch.empty((n_rows, n_cols), dtype=out_dtype or h_dtype, device=x.device)
+        h = torch.empty((n_rows, n_cols), dtype=h_dtype, device=x.device) if has_res else y
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block = _block(n_cols, FWD_MAX_BLOCK)
         if n_rows > 0:
@@ -159,6 +166,7 @@ class _RMSNormFn(torch.autograd.Function):
         ctx.save_for_backward(h if has_res else x2, w, rstd)
         ctx.has_res = has_res
         ctx.shape = shape
+        ctx.in_dtypes = (x.dtype, residual.dtype if has_res else None)
         if has_res:
             return y.view(shape), h.view(shape)
         return y.view(shape)
@@ -185,11 +193,17 @@ class _RMSNormFn(torch.autograd.Function):
                 num_warps=warps_for(block))
         dw = dw_part.sum(0).to(w.dtype) if ctx.needs_input_grad[1] else None
         dx = dx.view(ctx.shape)
-        return dx, dw, (dx if ctx.has_res else None), None
+        x_dtype, r_dtype = ctx.in_dtypes
+        dr = dx.to(r_dtype) if ctx.has_res else None
+        return dx.to(x_dtype), dw, dr, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
-             residual: torch.Tensor | None = None):
-    """RMSNorm over the last dim. With `residual`, returns (norm(x + residual), x + residual)."""
-    _check(x, weight, residual)
-    return _RMSNormFn.apply(x, weight, residual, float(eps))
+             residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None):
+    """RMSNorm over the last dim. With `residual`, returns (norm(x + residual), x + residual).
+
+    x + residual is kept in the wider of the two dtypes. The normalized output is written in
+    `out_dtype` (default: that of its input), so a norm feeding a bf16 matmul can write bf16 directly.
+    """
+    _check(x, weight, residual, out_dtype)
+    return _RMSNormFn.apply(x, weight, residual, float(eps), out_dtype)

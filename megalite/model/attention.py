@@ -89,8 +89,10 @@ class Attention(nn.Module):
         self.out = row_linear(cfg, nh * d, cfg.hidden_size, ps, device=device)
         if cfg.qk_norm:
             # The norm weight is shared by all heads, and each TP rank sees different heads.
-            self.q_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_impl, partial_grad=tp > 1, device=device, ps=ps)
-            self.k_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_impl, partial_grad=tp > 1, device=device, ps=ps)
+            self.q_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_impl, partial_grad=tp > 1, device=device, ps=ps,
+                                  feeds_matmul=False)
+            self.k_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_impl, partial_grad=tp > 1, device=device, ps=ps,
+                                  feeds_matmul=False)
 
     def _project(self, x: torch.Tensor):
         s, b = x.shape[0] * (self.ps.tp if self.ps.sp else 1), x.shape[1]

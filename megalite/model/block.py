@@ -48,5 +48,11 @@ class DecoderLayer(nn.Module):
 
     def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  doc_ids: torch.Tensor | None) -> torch.Tensor:
-        x = x + self._dropout(self.attn(self.attn_norm(x), cos, sin, doc_ids))
-        return x + self._dropout(self.mlp(self.mlp_norm(x)))
+        a = self._dropout(self.attn(self.attn_norm(x), cos, sin, doc_ids))
+        if isinstance(self.mlp_norm, RMSNorm):
+            # The residual add and the MLP's pre-norm: one pass over the stream with Triton norms.
+            normed, x = self.mlp_norm(a, residual=x)
+        else:
+            x = x + a
+            normed = self.mlp_norm(x)
+        return x + self._dropout(self.mlp(normed))

@@ -102,6 +102,33 @@ def test_strided_rows_and_fp32_weight_with_bf16_input():
     assert_close64(y, rms_norm_ref(xb.double(), w.double(), 1e-6), torch.bfloat16, "y")
 
 
+@pytest.mark.parametrize("hidden", [4099, 600])
+def test_bf16_sublayer_output_into_fp32_stream(hidden, block_path):
+    """The decoder layer's case under autocast: a bf16 attention output added to the fp32 residual
+    stream, the sum kept in fp32, the norm written in bf16 for the next matmul."""
+    g = torch.Generator().manual_seed(hidden)
+    mk = lambda *s: torch.randn(*s, generator=g).to(DEVICE)
+    a = mk(3, 2, hidden).bfloat16().requires_grad_()
+    r = (mk(3, 2, hidden) * 2).requires_grad_()
+    w = (1 + 0.1 * mk(hidden)).requires_grad_()
+    # y is bf16, so its incoming gradient is too: the reference gets the same rounded dy.
+    dy, dh = mk(3, 2, hidden).bfloat16().double(), mk(3, 2, hidden).double()
+    y, h = rms_norm(a, w, 1e-5, residual=r, out_dtype=torch.bfloat16)
+    assert (y.dtype, h.dtype) == (torch.bfloat16, torch.float32)
+    ((y.double() * dy).sum() + (h.double() * dh).sum()).backward()
+    assert (a.grad.dtype, r.grad.dtype, w.grad.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+
+    h64 = (r.detach() + a.detach()).double().requires_grad_()  # exact: fp32 + bf16 fits in fp32 math
+    w64 = w.detach().double().requires_grad_()
+    y64 = rms_norm_ref(h64, w64, 1e-5)
+    ((y64 * dy).sum() + (h64 * dh).sum()).backward()
+    assert_close64(h, h64, torch.float32, "h")
+    assert_close64(y, y64, torch.bfloat16, "y")
+    assert_close64(r.grad, h64.grad, torch.float32, "dresidual")
+    assert_close64(a.grad, h64.grad, torch.bfloat16, "dx")
+    assert_close64(w.grad, w64.grad, torch.float32, "dw")
+
+
 def test_bad_inputs_give_one_line_errors(monkeypatch):
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match="weight .* does not match hidden size 8"):
@@ -110,6 +137,8 @@ def test_bad_inputs_give_one_line_errors(monkeypatch):
         rms_norm(x.long(), torch.ones(8), 1e-5)
     with pytest.raises(ValueError, match="residual"):
         rms_norm(x, torch.ones(8), 1e-5, residual=torch.randn(2, 9))
+    with pytest.raises(TypeError, match="out_dtype"):
+        rms_norm(x, torch.ones(8), 1e-5, out_dtype=torch.int32)
     if DEVICE.type == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(RuntimeError, match="need a GPU"):

@@ -94,6 +94,42 @@ def test_bf16_autocast_over_fp32_master_weights():
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=5e-2, atol=2e-3, msg=name)
 
 
+def test_triton_norm_fuses_the_attention_residual_add(monkeypatch):
+    """With Triton norms each layer's MLP pre-norm also performs the attention residual add."""
+    from megalite.kernels import rmsnorm as mod
+
+    calls = []
+    real = mod._RMSNormFn.apply
+    monkeypatch.setattr(mod._RMSNormFn, "apply", lambda *a: calls.append(a[2] is not None) or real(*a))
+    cfg = dataclasses.replace(BASE, norm_impl="triton")
+    _run(cfg)
+    # Per forward (two: logits, then the loss): attn_norm, mlp_norm (fused) per layer, final norm.
+    assert calls.count(True) == 2 * cfg.num_layers
+    assert len(calls) == 2 * (2 * cfg.num_layers + 1)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_norm_writes_the_autocast_dtype_with_identical_matmul_inputs(impl):
+    from megalite.model.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    x, w_lin = torch.randn(5, 2, 48, generator=g), torch.randn(32, 48, generator=g)
+    norm = RMSNorm(48, 1e-6, impl)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(48, generator=g))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+        got = torch.nn.functional.linear(y, w_lin)
+        # What the matmul saw before: the fp32 norm output, cast by autocast inside F.linear.
+        want = torch.nn.functional.linear(rms_norm_fn("torch")(x, norm.weight, 1e-6), w_lin)
+    assert y.dtype == torch.bfloat16
+    if impl == "torch":
+        assert torch.equal(got, want)
+    else:  # the kernel sums in another order: equal up to one bf16 rounding of the norm output
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=5e-2)
+    assert norm(x).dtype == torch.float32  # no autocast, no cast
+
+
 def test_selectors_return_the_kernels_and_reject_unknown_names():
     from megalite import kernels
 
