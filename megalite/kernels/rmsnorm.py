@@ -2,14 +2,17 @@
 
 Forward: one program per row, statistics in fp32, rstd saved (one float per row) for backward.
 Rows up to FWD_MAX_BLOCK wide live in registers (at most 32 fp32 values per thread with 32 warps);
-wider rows (64k and beyond) take two passes over column blocks instead of one giant block, the
-register spill that makes very wide rows collapse elsewhere. Backward holds four row-sized values
-per element, so its in-register limit (BWD_MAX_BLOCK) is lower.
+wider rows (64k and beyond) take two passes over LOOP_BLOCK column blocks instead of one giant
+block: the register spill that makes very wide rows collapse elsewhere.
 
-Backward: a fixed number of persistent programs each walk a strided set of rows, accumulate their
-share of dW in fp32 (in registers for narrow rows, in their own row of a [programs, hidden] buffer
-for wide ones), and torch sums that buffer at the end: a two-stage reduction without atomics. Using
-few programs for few rows keeps the launch small, so small shapes do not pay a fixed floor.
+Backward: dW is a two-stage reduction without atomics. Each program accumulates its share of dW in
+fp32 registers and writes it once into its own row of a [programs, hidden] buffer, which torch sums.
+- Rows up to BWD_MAX_BLOCK (x, dy, w and the dW share per element fit in registers): a fixed number
+  of persistent programs walk strided rows. Few rows get few programs, so small shapes do not pay
+  a fixed launch floor.
+- Wider rows: one kernel reduces each row's projection term, then a [programs, column blocks] grid
+  sweeps the rows block by block. This reads x and dy twice, but never spills and never round-trips
+  the dW share through memory per row.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ import triton.language as tl
 
 from megalite.kernels._common import FLOAT_DTYPES, as_rows, check_device, check_float, num_programs, warps_for
 
+# Checked with `python -m megalite.kernels.compile_check` (ptxas, sm_90): the largest in-register
+# rows that compile without spilling, and the column block of the wide-row loops.
 FWD_MAX_BLOCK = 32768
-BWD_MAX_BLOCK = 16384
+BWD_MAX_BLOCK = 8192
+LOOP_BLOCK = 4096
 
 
 def _block(n_cols: int, limit: int) -> int:
@@ -74,57 +80,68 @@ def _rms_fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h,
 
 @triton.jit
 def _rms_bwd_kernel(DY, X, W, RSTD, DH, DX, DW_PART, stride_dy, stride_x, stride_dh, stride_dx,
-                    n_rows, n_cols, n_progs,
-                    HAS_DH: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+                    n_rows, n_cols, n_progs, HAS_DH: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows that fit in registers: persistent programs over strided rows, dW share in registers."""
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
-    dw_row = DW_PART + pid64 * n_cols
-    if SINGLE:
-        cols = tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, tl.cdiv(n_rows - pid, n_progs)):
+        row64 = pid64 + i * n_progs
+        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row64)
+        xhat = x * rstd
+        dxhat = dy * w
+        c = tl.sum(dxhat * xhat, axis=0) / n_cols
+        dx = (dxhat - xhat * c) * rstd
+        if HAS_DH:
+            dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw_acc += dy * xhat
+    tl.store(DW_PART + pid64 * n_cols + cols, dw_acc, mask=mask)
+
+
+@triton.jit
+def _rms_bwd_dot_kernel(DY, X, W, RSTD, C, stride_dy, stride_x, n_cols, BLOCK: tl.constexpr):
+    """Wide rows, pass 1: the per-row projection c = rstd * mean(dy * w * x), one program a row."""
+    row = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in range(0, tl.cdiv(n_rows - pid, n_progs)):
-            row64 = pid64 + i * n_progs
-            x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row64)
-            xhat = x * rstd
-            dxhat = dy * w
-            c = tl.sum(dxhat * xhat, axis=0) / n_cols
-            dx = (dxhat - xhat * c) * rstd
-            if HAS_DH:
-                dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-            dw_acc += dy * xhat
-        tl.store(dw_row + cols, dw_acc, mask=mask)
-    else:
-        # DW_PART is zero-filled by the caller; this program alone owns row `pid` of it.
-        for i in range(0, tl.cdiv(n_rows - pid, n_progs)):
-            row64 = pid64 + i * n_progs
-            rstd = tl.load(RSTD + row64)
-            c_acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for start in range(0, n_cols, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                mask = cols < n_cols
-                x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-                c_acc += dy * w * x
-            c = tl.sum(c_acc, axis=0) * rstd / n_cols
-            for start in range(0, n_cols, BLOCK):
-                cols = start + tl.arange(0, BLOCK)
-                mask = cols < n_cols
-                x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-                xhat = x * rstd
-                dx = (dy * w - xhat * c) * rstd
-                if HAS_DH:
-                    dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
-                tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-                dw = tl.load(dw_row + cols, mask=mask, other=0.0)
-                tl.store(dw_row + cols, dw + dy * xhat, mask=mask)
+        acc += dy * w * x
+    tl.store(C + row, tl.sum(acc, axis=0) * tl.load(RSTD + row) / n_cols)
+
+
+@triton.jit
+def _rms_bwd_cols_kernel(DY, X, W, RSTD, C, DH, DX, DW_PART, stride_dy, stride_x, stride_dh, stride_dx,
+                         n_rows, n_cols, n_progs, HAS_DH: tl.constexpr, BLOCK: tl.constexpr):
+    """Wide rows, pass 2: program (p, b) takes column block b of rows p, p + n_progs, ...; its dW
+    share for that block accumulates in registers and is written once."""
+    pid = tl.program_id(0)
+    pid64 = pid.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, tl.cdiv(n_rows - pid, n_progs)):
+        row64 = pid64 + i * n_progs
+        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row64)
+        xhat = x * rstd
+        dx = (dy * w - xhat * tl.load(C + row64)) * rstd
+        if HAS_DH:
+            dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw_acc += dy * xhat
+    tl.store(DW_PART + pid64 * n_cols + cols, dw_acc, mask=mask)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
@@ -157,11 +174,12 @@ class _RMSNormFn(torch.autograd.Function):
         y = torch.empty((n_rows, n_cols), dtype=out_dtype or h_dtype, device=x.device)
         h = torch.empty((n_rows, n_cols), dtype=h_dtype, device=x.device) if has_res else y
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        block = _block(n_cols, FWD_MAX_BLOCK)
+        single = n_cols <= FWD_MAX_BLOCK
+        block = _block(n_cols, FWD_MAX_BLOCK) if single else LOOP_BLOCK
         if n_rows > 0:
             _rms_fwd_kernel[(n_rows,)](
                 x2, r2, w, y, h, rstd, x2.stride(0), r2.stride(0), y.stride(0), h.stride(0),
-                n_cols, eps, HAS_RES=has_res, BLOCK=block, SINGLE=n_cols <= FWD_MAX_BLOCK,
+                n_cols, eps, HAS_RES=has_res, BLOCK=block, SINGLE=single,
                 num_warps=warps_for(block))
         ctx.save_for_backward(h if has_res else x2, w, rstd)
         ctx.has_res = has_res
@@ -179,18 +197,29 @@ class _RMSNormFn(torch.autograd.Function):
         has_dh = ctx.has_res and dh is not None
         dh2 = as_rows(dh, "rms_norm: grad") if has_dh else dy2
         dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
-        # Enough resident programs per SM (up to 32 warps' worth) that while one waits on a row's
-        # loads others compute: the row loop is latency-bound otherwise, a fixed floor at small sizes.
-        block = _block(n_cols, BWD_MAX_BLOCK)
-        progs = num_programs(x2.device, n_rows, per_sm=max(1, 32 // warps_for(block)))
-        single = n_cols <= BWD_MAX_BLOCK
-        alloc = torch.empty if single else torch.zeros
-        dw_part = alloc((progs, n_cols), dtype=torch.float32, device=x2.device)
-        if n_rows > 0:
-            _rms_bwd_kernel[(progs,)](
-                dy2, x2, w, rstd, dh2, dx, dw_part, dy2.stride(0), x2.stride(0), dh2.stride(0),
-                dx.stride(0), n_rows, n_cols, progs, HAS_DH=has_dh, BLOCK=block, SINGLE=single,
-                num_warps=warps_for(block))
+        strides = (dy2.stride(0), x2.stride(0), dh2.stride(0), dx.stride(0))
+        if n_cols <= BWD_MAX_BLOCK:
+            # Enough resident programs per SM (up to 32 warps' worth) that while one waits on a row's
+            # loads others compute: the row loop is latency-bound otherwise, a floor at small sizes.
+            block = _block(n_cols, BWD_MAX_BLOCK)
+            progs = num_programs(x2.device, n_rows, per_sm=max(1, 32 // warps_for(block)))
+            dw_part = torch.empty((progs, n_cols), dtype=torch.float32, device=x2.device)
+            if n_rows > 0:
+                _rms_bwd_kernel[(progs,)](dy2, x2, w, rstd, dh2, dx, dw_part, *strides, n_rows, n_cols, progs,
+                                          HAS_DH=has_dh, BLOCK=block, num_warps=warps_for(block))
+        else:
+            # A wider row's x, dy, w and dW share no longer fit in registers (they spill): reduce
+            # each row's projection first, then sweep column blocks with dW kept per block.
+            n_blocks = triton.cdiv(n_cols, LOOP_BLOCK)
+            progs = max(1, num_programs(x2.device, n_rows, per_sm=32 // warps_for(LOOP_BLOCK)) // n_blocks)
+            dw_part = torch.empty((progs, n_cols), dtype=torch.float32, device=x2.device)
+            if n_rows > 0:
+                c = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
+                _rms_bwd_dot_kernel[(n_rows,)](dy2, x2, w, rstd, c, dy2.stride(0), x2.stride(0), n_cols,
+                                               BLOCK=LOOP_BLOCK, num_warps=warps_for(LOOP_BLOCK))
+                _rms_bwd_cols_kernel[(progs, n_blocks)](dy2, x2, w, rstd, c, dh2, dx, dw_part, *strides,
+                                                         n_rows, n_cols, progs, HAS_DH=has_dh,
+                                                         BLOCK=LOOP_BLOCK, num_warps=warps_for(LOOP_BLOCK))
         dw = dw_part.sum(0).to(w.dtype) if ctx.needs_input_grad[1] else None
         dx = dx.view(ctx.shape)
         x_dtype, r_dtype = ctx.in_dtypes

@@ -43,6 +43,7 @@ def block_path(request, monkeypatch):
 
         monkeypatch.setattr(mod, "FWD_MAX_BLOCK", 512)
         monkeypatch.setattr(mod, "BWD_MAX_BLOCK", 256)
+        monkeypatch.setattr(mod, "LOOP_BLOCK", 256)  # several column blocks even at modest widths
     return request.param
 
 
