@@ -79,6 +79,16 @@ def _rms_fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h,
 
 
 @triton.jit
+def _store_dx(dy, xhat, w, c, rstd, DH_ROW, DX_ROW, cols, mask, HAS_DH: tl.constexpr):
+    """dx = (dy w - xhat c) rstd, plus the residual branch's gradient; returns the row's dW term."""
+    dx = (dy * w - xhat * c) * rstd
+    if HAS_DH:
+        dx += tl.load(DH_ROW + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX_ROW + cols, dx.to(DX_ROW.dtype.element_ty), mask=mask)
+    return dy * xhat
+
+
+@triton.jit
 def _rms_bwd_kernel(DY, X, W, RSTD, DH, DX, DW_PART, stride_dy, stride_x, stride_dh, stride_dx,
                     n_rows, n_cols, n_progs, HAS_DH: tl.constexpr, BLOCK: tl.constexpr):
     """Rows that fit in registers: persistent programs over strided rows, dW share in registers."""
@@ -94,13 +104,9 @@ def _rms_bwd_kernel(DY, X, W, RSTD, DH, DX, DW_PART, stride_dy, stride_x, stride
         dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + row64)
         xhat = x * rstd
-        dxhat = dy * w
-        c = tl.sum(dxhat * xhat, axis=0) / n_cols
-        dx = (dxhat - xhat * c) * rstd
-        if HAS_DH:
-            dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-        dw_acc += dy * xhat
+        c = tl.sum(dy * w * xhat, axis=0) / n_cols
+        dw_acc += _store_dx(dy, xhat, w, c, rstd, DH + row64 * stride_dh, DX + row64 * stride_dx, cols, mask,
+                            HAS_DH)
     tl.store(DW_PART + pid64 * n_cols + cols, dw_acc, mask=mask)
 
 
@@ -135,12 +141,8 @@ def _rms_bwd_cols_kernel(DY, X, W, RSTD, C, DH, DX, DW_PART, stride_dy, stride_x
         x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + row64)
-        xhat = x * rstd
-        dx = (dy * w - xhat * tl.load(C + row64)) * rstd
-        if HAS_DH:
-            dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-        dw_acc += dy * xhat
+        dw_acc += _store_dx(dy, x * rstd, w, tl.load(C + row64), rstd, DH + row64 * stride_dh,
+                            DX + row64 * stride_dx, cols, mask, HAS_DH)
     tl.store(DW_PART + pid64 * n_cols + cols, dw_acc, mask=mask)
 
 
