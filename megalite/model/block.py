@@ -1,4 +1,4 @@
-"""One pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+"""One pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)), each add fused into the norm after it."""
 
 from __future__ import annotations
 
@@ -40,19 +40,28 @@ class DecoderLayer(nn.Module):
         with ctx:
             return F.dropout(x, p, training=True)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is x + pending: `pending` is the previous layer's MLP output, left
+        unadded so that this layer's pre-norm adds it in the same kernel. Returns (stream, this
+        layer's MLP output), the next layer's (x, pending)."""
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, doc_ids, rng=self.rng)
-        return self._forward(x, cos, sin, doc_ids)
+            return checkpoint(self._forward, x, cos, sin, doc_ids, pending, rng=self.rng)
+        return self._forward(x, cos, sin, doc_ids, pending)
 
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 doc_ids: torch.Tensor | None) -> torch.Tensor:
-        a = self._dropout(self.attn(self.attn_norm(x), cos, sin, doc_ids))
-        if isinstance(self.mlp_norm, RMSNorm):
-            # The residual add and the MLP's pre-norm: one pass over the stream with Triton norms.
-            normed, x = self.mlp_norm(a, residual=x)
-        else:
-            x = x + a
-            normed = self.mlp_norm(x)
-        return x + self._dropout(self.mlp(normed))
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None,
+                 pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        normed, x = add_norm(self.attn_norm, pending, x)
+        a = self._dropout(self.attn(normed, cos, sin, doc_ids))
+        normed, x = add_norm(self.mlp_norm, a, x)
+        return x, self._dropout(self.mlp(normed))
+
+
+def add_norm(norm: nn.Module, delta: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + delta), x + delta); one kernel with Triton norms. The TE-fused norms are Identity here."""
+    if delta is None:
+        return norm(x), x
+    if isinstance(norm, RMSNorm):
+        return norm(delta, residual=x)
+    x = x + delta
+    return norm(x), x

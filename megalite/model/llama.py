@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalite.config import ModelConfig
-from megalite.model.block import DecoderLayer
+from megalite.model.block import DecoderLayer, add_norm
 from megalite.model.norm import RMSNorm
 from megalite.model.rope import inv_frequencies, rope_cos_sin
 from megalite.model.spec import loss_fn
@@ -94,11 +94,12 @@ class LlamaModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(s, device=x.device).unsqueeze(0).expand(b, s)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype if x.is_floating_point() else torch.float32)
+        pending = None
         for layer in self.layers.values():
-            x = layer(x, cos, sin, doc_ids)
+            x, pending = layer(x, cos, sin, doc_ids, pending)
         if not self.post_process:
-            return x
-        x = self.final_norm(x)
+            return x if pending is None else x + pending
+        x, _ = add_norm(self.final_norm, pending, x)
         g = self.ps.tp_group
         x = gather_from_sequence(x, g) if self.ps.sp else copy_to_tp(x, g)
         if labels is not None:
