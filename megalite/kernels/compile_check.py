@@ -4,7 +4,8 @@ The CPU interpreter checks the kernels' numbers but is laxer than the compiler (
 values, constexpr rules), and says nothing about registers. This compiles each (kernel, dtypes,
 constexprs, num_warps) combination that the wrappers launch for the shapes we care about, down to
 a cubin with Triton's bundled ptxas, and reads ptxas's resource report: registers per thread and
-spill bytes. A spilling variant is the slow cliff that wide rows fall off elsewhere.
+spill bytes. A spilling variant is the slow cliff that wide rows fall off elsewhere. It also counts
+the PTX global loads and stores by width: row traffic should move in 128-bit accesses.
 
   python -m megalite.kernels.compile_check            # sm_90 (H100/H200)
   python -m megalite.kernels.compile_check --arch 100
@@ -131,9 +132,20 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
             "spill_loads": sum(b for _, b in spills)}
 
 
+def _memory_ops(ptx: str) -> dict:
+    """Global loads/stores by width: the bulk row traffic should be 128-bit (v4.b32) accesses;
+    scalar ones are the per-row values (rstd, labels, statistics)."""
+    ops = re.findall(r"\b(ld|st)\.global((?:\.\w+)*)", ptx)
+    return {"v4_loads": sum(o == "ld" and ".v4" in w for o, w in ops),
+            "v4_stores": sum(o == "st" and ".v4" in w for o, w in ops),
+            "scalar_loads": sum(o == "ld" and ".v" not in w for o, w in ops),
+            "scalar_stores": sum(o == "st" and ".v" not in w for o, w in ops)}
+
+
 def compile_variant(v: Variant, arch: int = 90) -> dict:
     k = triton.compile(v.source(), target=GPUTarget("cuda", arch, 32), options={"num_warps": v.num_warps})
-    v.result = {"cubin_bytes": len(k.asm["cubin"]), **_ptxas_report(k.asm["ptx"], arch)}
+    v.result = {"cubin_bytes": len(k.asm["cubin"]), **_ptxas_report(k.asm["ptx"], arch),
+                **_memory_ops(k.asm["ptx"])}
     return v.result
 
 
@@ -155,7 +167,9 @@ def main() -> None:
         else:
             flag = "SPILL" if r["spill_stores"] or r["spill_loads"] else "ok   "
             print(f"{flag} {v.name:48s} warps {v.num_warps:2d}  regs {r['registers']:3d}  "
-                  f"spill st/ld {r['spill_stores']}/{r['spill_loads']} B", flush=True)
+                  f"spill st/ld {r['spill_stores']}/{r['spill_loads']} B  128-bit ld/st "
+                  f"{r['v4_loads']}/{r['v4_stores']}  scalar ld/st {r['scalar_loads']}/{r['scalar_stores']}",
+                  flush=True)
         bad += "error" in r or bool(r.get("spill_stores") or r.get("spill_loads"))
         rows.append({"name": v.name, "num_warps": v.num_warps, **r})
     if args.json:
