@@ -20,7 +20,7 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -46,7 +46,6 @@ class Variant:
     pointers: dict[str, str]  # arg -> Triton element type, e.g. {"X": "bf16"}
     constexprs: dict[str, object]
     num_warps: int = 4
-    result: dict = field(default_factory=dict)
 
     def source(self) -> ASTSource:
         sig, attrs = {}, {}
@@ -144,9 +143,7 @@ def _memory_ops(ptx: str) -> dict:
 
 def compile_variant(v: Variant, arch: int = 90) -> dict:
     k = triton.compile(v.source(), target=GPUTarget("cuda", arch, 32), options={"num_warps": v.num_warps})
-    v.result = {"cubin_bytes": len(k.asm["cubin"]), **_ptxas_report(k.asm["ptx"], arch),
-                **_memory_ops(k.asm["ptx"])}
-    return v.result
+    return {"cubin_bytes": len(k.asm["cubin"]), **_ptxas_report(k.asm["ptx"], arch), **_memory_ops(k.asm["ptx"])}
 
 
 def main() -> None:

@@ -35,6 +35,18 @@ def _block(n_cols: int, limit: int) -> int:
 
 
 @triton.jit
+def _load_sum(X_ROW, R_ROW, H_ROW, cols, mask, HAS_RES: tl.constexpr):
+    """A block of the row to normalize, in fp32: x, or h = x + residual stored in h's dtype first,
+    so that the norm sees exactly the h that is returned."""
+    x = tl.load(X_ROW + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        x = (x.to(tl.float32) + tl.load(R_ROW + cols, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(H_ROW.dtype.element_ty)
+        tl.store(H_ROW + cols, x, mask=mask)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _rms_fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h, n_cols, eps,
                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -45,13 +57,7 @@ def _rms_fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h,
     if SINGLE:
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        x = tl.load(x_row + cols, mask=mask, other=0.0)
-        if HAS_RES:
-            # Round h to its storage dtype first, so the norm sees exactly the h we return.
-            x = (x.to(tl.float32) + tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32))
-            x = x.to(H.dtype.element_ty)
-            tl.store(h_row + cols, x, mask=mask)
-        x = x.to(tl.float32)
+        x = _load_sum(x_row, r_row, h_row, cols, mask, HAS_RES)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_row + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
@@ -60,12 +66,7 @@ def _rms_fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h,
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            x = tl.load(x_row + cols, mask=mask, other=0.0)
-            if HAS_RES:
-                x = (x.to(tl.float32) + tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32))
-                x = x.to(H.dtype.element_ty)
-                tl.store(h_row + cols, x, mask=mask)
-            x = x.to(tl.float32)
+            x = _load_sum(x_row, r_row, h_row, cols, mask, HAS_RES)
             acc += x * x
         rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n_cols + eps)
         src = h_row if HAS_RES else x_row

@@ -42,10 +42,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); with `residual`, (norm(residual + x), residual + x), one kernel on the Triton path."""
         out_dtype = _matmul_dtype(x) if self.feeds_matmul else None
-        if residual is not None and self.fused_add:
-            return self.fn(x, self.weight, self.eps, residual=residual, out_dtype=out_dtype)
         if self.fused_add:
-            return self.fn(x, self.weight, self.eps, out_dtype=out_dtype)
+            return self.fn(x, self.weight, self.eps, residual=residual, out_dtype=out_dtype)
         h = x if residual is None else residual + x
         y = self.fn(h, self.weight, self.eps)
         y = y if out_dtype is None else y.to(out_dtype)
