@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megalite.atomic import atomic_write, atomic_write_text
 from megalite.config import Config, ConfigError, ModelConfig
 from megalite.parallel.state import ParallelState
 from megalite.training.checkpoint_reshard import (
@@ -82,19 +83,6 @@ def set_rng_state(s: dict, tracker) -> None:
 def _layout(ps: ParallelState, optimizer: Any) -> dict:
     return {"tp": ps.tp, "pp": ps.pp, "dp": ps.dp, "vpp": ps.vpp, "world_size": ps.world_size,
             "distributed_optimizer": bool(getattr(optimizer, "sharded", False))}
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Writes through `path.partial`, flushes it to disk, then renames: never a half file at `path`."""
-    partial = str(path) + ".partial"
-    write(partial)
-    with open(partial, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda p: Path(p).write_text(text))
 
 
 def _rank_file(rank: int) -> str:

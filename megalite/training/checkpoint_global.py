@@ -14,13 +14,12 @@ from pathlib import Path
 
 import torch
 
+from megalite.atomic import atomic_write, atomic_write_text
 from megalite.config import Config, ConfigError
 from megalite.training.checkpoint import (
     FORMAT,
     LATEST,
     METADATA,
-    atomic_write,
-    atomic_write_text,
     read_metadata,
     resolve_checkpoint,
 )
