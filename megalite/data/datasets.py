@@ -309,7 +309,8 @@ def _build_pretrain_datasets(cfg: DataConfig, seq_len: int, seed: int, tokenizer
     prefixes = list(dict.fromkeys([p for p, _ in entries] + [p for _, b in stages for p, _ in b]))
     shards = {p: _open_shard(p, "data.path") for p in prefixes}
     for p, s in shards.items():
-        if s.num_tokens and s.tokens.max(initial=0) >= tokenizer.vocab_size and s.num_tokens < 50_000_000:
+        # The size guard first: a full max() over a huge mapped shard would read all of it.
+        if 0 < s.num_tokens < 50_000_000 and s.tokens.max() >= tokenizer.vocab_size:
             raise ConfigError(f"data.path: {p} holds token ids >= the tokenizer's vocab size {tokenizer.vocab_size}")
 
     out = []
