@@ -65,11 +65,11 @@ class GPTDataset(Sequence):
         lo, hi = doc_range
         seq_lo, seq_hi = int(shard.doc_idx[lo]), int(shard.doc_idx[hi])
         self.units = np.arange(seq_lo, seq_hi, dtype=np.int64)
-        self.tokens_per_epoch = int(np.asarray(shard.sizes[seq_lo:seq_hi], dtype=np.int64).sum())
+        self.tokens_per_epoch = self.epoch_tokens(shard, doc_range)
         if self.tokens_per_epoch - 1 < seq_len:
             raise ValueError(f"{shard.prefix} ({name}): {self.tokens_per_epoch} tokens, fewer than one "
                              f"sample of {seq_len + 1}")
-        per_epoch = (self.tokens_per_epoch - 1) // seq_len
+        per_epoch = self.samples_per_epoch(self.tokens_per_epoch, seq_len)
         want = per_epoch if num_samples is None else max(int(num_samples), 1)
         # The fewest epochs whose stream holds `want` windows.
         self.num_epochs = 1
@@ -94,6 +94,17 @@ class GPTDataset(Sequence):
             a.view(np.ndarray) for a in (self.doc_index, self.sample_index, self.shuffle_index))
         self._sizes = np.ascontiguousarray(shard.sizes)
         self._gather = _C().gather_samples
+
+    @staticmethod
+    def epoch_tokens(shard: IndexedDataset, doc_range: tuple[int, int]) -> int:
+        """Tokens in one epoch of documents [doc_begin, doc_end) of `shard`."""
+        seq_lo, seq_hi = int(shard.doc_idx[doc_range[0]]), int(shard.doc_idx[doc_range[1]])
+        return int(np.asarray(shard.sizes[seq_lo:seq_hi], dtype=np.int64).sum())
+
+    @staticmethod
+    def samples_per_epoch(tokens_per_epoch: int, seq_len: int) -> int:
+        """The length of a one-epoch dataset: windows of seq_len+1 sharing their boundary token."""
+        return (tokens_per_epoch - 1) // seq_len
 
     def _build(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ext = _C()
@@ -326,31 +337,43 @@ def _build_pretrain_datasets(cfg: DataConfig, seq_len: int, seed: int, tokenizer
             except ValueError:
                 return None  # too few tokens in this split for one sample
 
+        def natural(p: str, ranges: dict = ranges) -> tuple[int, int] | None:
+            """(tokens, samples) of one epoch of p's split, from the shard's sizes alone; None
+            exactly where make() gives None (an empty split, or too few tokens for one sample)."""
+            lo, hi = ranges[p]
+            if hi <= lo:
+                return None
+            tokens = GPTDataset.epoch_tokens(shards[p], (lo, hi))
+            return None if tokens - 1 < seq_len else (tokens, GPTDataset.samples_per_epoch(tokens, seq_len))
+
         if split == "train" and stages:
-            out.append(_curriculum_dataset(stages, entries, make, wanted["train"]))
+            out.append(_curriculum_dataset(stages, entries, make, natural, wanted["train"]))
             continue
         use = entries or stages[-1][1]
         if len(use) == 1:
             out.append(make(use[0][0], wanted[split]))
             continue
-        out.append(_blended_dataset(use, make, shards, wanted[split]))
+        out.append(_blended_dataset(use, make, natural, wanted[split]))
     return tuple(out)
 
 
-def _blended_dataset(entries, make, shards, size: int | None) -> BlendedDataset | None:
+# make(p, n) for n within one epoch builds the same (one-epoch) index as make(p, None), so the
+# blends below size their components from natural() and build each dataset once, for its count.
+
+
+def _blended_dataset(entries, make, natural, size: int | None) -> BlendedDataset | None:
     # Natural sizes (one epoch each) decide the default total and token-proportional weights.
-    natural = {p: make(p, None) for p, _ in entries}
-    live = [(p, w) for p, w in entries if natural[p] is not None]
+    sizes = {p: natural(p) for p, _ in entries}
+    live = [(p, w) for p, w in entries if sizes[p] is not None]
     if not live:
         return None
-    weights = [float(w) if w is not None else float(natural[p].tokens_per_epoch) for p, w in live]
+    weights = [float(w) if w is not None else float(sizes[p][0]) for p, w in live]
     if sum(weights) <= 0:
         raise ConfigError("data.path: blend weights sum to zero")
-    total = int(size) if size is not None else sum(len(natural[p]) for p, _ in live)
+    total = int(size) if size is not None else sum(sizes[p][1] for p, _ in live)
     which, within = blend(weights, total)
     counts = np.bincount(which, minlength=len(live))
-    datasets = [natural[p] if counts[d] <= len(natural[p]) else make(p, int(counts[d]))
-                for d, (p, _) in enumerate(live)]
+    datasets = [make(p, int(counts[d])) for d, (p, _) in enumerate(live)]
     return BlendedDataset(datasets, which, within, [p for p, _ in live])
 
 
@@ -377,18 +400,18 @@ def _parse_curriculum(curriculum: list[Any] | None, gbs: int | None) -> list[tup
     return stages
 
 
-def _curriculum_dataset(stages, base_entries, make, size: int | None) -> BlendedDataset | None:
+def _curriculum_dataset(stages, base_entries, make, natural, size: int | None) -> BlendedDataset | None:
     """One blend per stage, concatenated; each dataset's sample cursor continues across stages."""
     if stages[0][0] > 0:
         if not base_entries:
             raise ConfigError("data.curriculum: the first stage starts after step 0 and data.path is empty")
         stages = [(0, [(p, w if w is not None else 1.0) for p, w in base_entries])] + stages
     prefixes = list(dict.fromkeys(p for _, b in stages for p, _ in b))
-    natural = {p: make(p, None) for p in prefixes}
-    prefixes = [p for p in prefixes if natural[p] is not None]
+    sizes = {p: natural(p) for p in prefixes}
+    prefixes = [p for p in prefixes if sizes[p] is not None]
     if not prefixes:
         return None
-    total = int(size) if size is not None else max(stages[-1][0] + 1, sum(len(natural[p]) for p in prefixes))
+    total = int(size) if size is not None else max(stages[-1][0] + 1, sum(sizes[p][1] for p in prefixes))
     which_parts, within_parts = [], []
     cursor = np.zeros(len(prefixes), dtype=np.int64)
     for k, (start, entries) in enumerate(stages):
@@ -406,6 +429,5 @@ def _curriculum_dataset(stages, base_entries, make, size: int | None) -> Blended
         which_parts.append(which)
         within_parts.append(within)
     which, within = np.concatenate(which_parts), np.concatenate(within_parts)
-    datasets = [natural[p] if cursor[d] <= len(natural[p]) else make(p, int(cursor[d]))
-                for d, p in enumerate(prefixes)]
+    datasets = [make(p, int(cursor[d])) for d, p in enumerate(prefixes)]
     return BlendedDataset(datasets, which, within, prefixes)

@@ -92,6 +92,27 @@ def test_blend_from_yaml_weights_and_num_samples(tmp_path):
     assert valid is not None
 
 
+@pytest.mark.parametrize("curriculum", [False, True])
+def test_blend_builds_each_component_index_once(tmp_path, monkeypatch, curriculum):
+    """Blend sizes come from the shards' sizes; no throwaway one-epoch index is built first."""
+    import megalite.data.datasets as dsm
+
+    a, b = _shard(tmp_path, "a", seed=1), _shard(tmp_path, "b", seed=2)
+    built = []
+    orig = dsm.GPTDataset.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(1)
+        orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(dsm.GPTDataset, "__init__", counting_init)
+    extra = {"curriculum": [{"step": 0, "blend": {a: 1.0, b: 3.0}}]} if curriculum else {}
+    cfg = DataConfig(path={a: 1.0, b: 3.0}, split="1,0,0", **extra)
+    train = build_pretrain_datasets(cfg, 16, 3, TOK, num_samples=20000, global_batch_size=8)[0]
+    assert len(built) == 2  # one per component, already with the epochs its share needs
+    assert all(len(d) >= n for d, n in zip(train.datasets, np.bincount(train.which, minlength=2)))
+
+
 def test_megatron_style_weighted_list(tmp_path):
     from megalite.data.datasets import parse_blend
 
