@@ -156,7 +156,7 @@ class BlendedDataset(Sequence):
         rows: np.ndarray | None = None
         for d in np.unique(which):
             sel = np.nonzero(which == d)[0]
-            part = _get_batch(self.datasets[int(d)], within[sel])
+            part = get_rows(self.datasets[int(d)], within[sel])
             if rows is None:
                 rows = np.empty((len(idx), part.shape[1]), dtype=np.int64)
             rows[sel] = part
@@ -167,7 +167,9 @@ class BlendedDataset(Sequence):
         return self.get_batch([i])[0]
 
 
-def _get_batch(ds: Sequence[np.ndarray], indices: np.ndarray) -> np.ndarray:
+def get_rows(ds: Sequence[np.ndarray], indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    """[len(indices), seq_len+1] int64 rows of `ds`; indices past its end wrap into further epochs.
+    Uses the dataset's batched `get_batch` where it has one, else stacks its items."""
     n = len(ds)
     if hasattr(ds, "get_batch"):
         return ds.get_batch(np.asarray(indices) % n)  # type: ignore[attr-defined]

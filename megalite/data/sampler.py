@@ -12,6 +12,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from megalite.data.datasets import get_rows
+
 
 def micro_batch_indices(consumed: int, micro: int, mbs: int, dp_rank: int, dp: int) -> range:
     start = consumed + micro * mbs * dp + dp_rank * mbs
@@ -21,11 +23,8 @@ def micro_batch_indices(consumed: int, micro: int, mbs: int, dp_rank: int, dp: i
 def get_micro_batch(dataset: Sequence[np.ndarray], consumed: int, micro: int, mbs: int,
                     dp_rank: int, dp: int) -> torch.Tensor:
     """A [mbs, seq_len+1] int64 tensor; indices past the dataset wrap into further epochs."""
-    n = len(dataset)
-    idx = np.fromiter(micro_batch_indices(consumed, micro, mbs, dp_rank, dp), dtype=np.int64, count=mbs) % n
-    if hasattr(dataset, "get_batch"):
-        return torch.from_numpy(dataset.get_batch(idx))  # type: ignore[attr-defined]
-    return torch.from_numpy(np.stack([np.asarray(dataset[int(i)], dtype=np.int64) for i in idx]))
+    r = micro_batch_indices(consumed, micro, mbs, dp_rank, dp)
+    return torch.from_numpy(get_rows(dataset, np.arange(r.start, r.stop, dtype=np.int64)))
 
 
 def batch_stream(dataset: Sequence[np.ndarray], consumed: int, mbs: int, num_micro: int, dp_rank: int,

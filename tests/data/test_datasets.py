@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from megalite.config import ConfigError, DataConfig
 from megalite.data import build_pretrain_datasets, build_tokenizer
@@ -111,6 +112,17 @@ def test_blend_builds_each_component_index_once(tmp_path, monkeypatch, curriculu
     train = build_pretrain_datasets(cfg, 16, 3, TOK, num_samples=20000, global_batch_size=8)[0]
     assert len(built) == 2  # one per component, already with the epochs its share needs
     assert all(len(d) >= n for d, n in zip(train.datasets, np.bincount(train.which, minlength=2)))
+
+
+def test_micro_batches_wrap_for_batched_and_plain_datasets(tmp_path):
+    shard = IndexedDataset(_shard(tmp_path))
+    ds = GPTDataset(shard, (0, shard.num_documents), 16, seed=1)
+    plain = [ds[i] for i in range(len(ds))]  # no get_batch: rows are stacked one by one
+    n = len(ds)
+    for d in (ds, plain):
+        got = get_micro_batch(d, n - 7, 1, 4, 1, 2)  # samples n+5 .. n+8: the second epoch's 5..8
+        assert got.dtype == torch.int64 and got.shape == (4, 17)
+        assert np.array_equal(got.numpy(), np.stack([ds[i] for i in range(5, 9)]))
 
 
 def test_megatron_style_weighted_list(tmp_path):
