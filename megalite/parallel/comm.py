@@ -42,7 +42,9 @@ def group_size(group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(group)
 
 
-def _record(op: str, t: torch.Tensor) -> None:
+def record(op: str, t: torch.Tensor) -> None:
+    """Counts `t`'s payload under `op` in the active counter, if any. Collectives issued outside
+    these wrappers (DP buckets, pipeline p2p, the optimizer) report here under their own names."""
     if _counter is not None:
         _counter.add(op, t.numel() * t.element_size())
 
@@ -51,7 +53,7 @@ def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, op=dist.ReduceO
                async_op: bool = False):
     if group_size(group) == 1:
         return None
-    _record("all_reduce", t)
+    record("all_reduce", t)
     return dist.all_reduce(t, op=op, group=group, async_op=async_op)
 
 
@@ -62,7 +64,7 @@ def all_gather_dim0(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.T
         return t
     t = t.contiguous()
     out = torch.empty((n * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-    _record("all_gather", out)
+    record("all_gather", out)
     dist.all_gather_single(out, t, group=group)
     return out
 
@@ -76,7 +78,7 @@ def reduce_scatter_dim0(t: torch.Tensor, group: dist.ProcessGroup | None) -> tor
         raise ValueError(f"reduce_scatter: dim 0 ({t.shape[0]}) is not divisible by the group size {n}")
     t = t.contiguous()
     out = torch.empty((t.shape[0] // n, *t.shape[1:]), dtype=t.dtype, device=t.device)
-    _record("reduce_scatter", t)
+    record("reduce_scatter", t)
     dist.reduce_scatter_single(out, t, group=group)
     return out
 
@@ -84,5 +86,5 @@ def reduce_scatter_dim0(t: torch.Tensor, group: dist.ProcessGroup | None) -> tor
 def broadcast(t: torch.Tensor, src: int, group: dist.ProcessGroup | None) -> None:
     if group_size(group) == 1:
         return
-    _record("broadcast", t)
+    record("broadcast", t)
     dist.broadcast(t, src=src, group=group)

@@ -36,12 +36,6 @@ from megalite.parallel.finalize import sync_tied_embedding_grads, sync_tp_partia
 from megalite.parallel.state import ParallelState
 
 
-def record_dp(op: str, t: torch.Tensor) -> None:
-    """Counts DP traffic under its own name ("dp.all_reduce", ...) so audits can tell it from TP."""
-    if comm._counter is not None:
-        comm._counter.add(op, t.numel() * t.element_size())
-
-
 def needs_group_sync(module: nn.Module, name: str, p: nn.Parameter, ps: ParallelState) -> bool:
     """True if finalize.py sums this parameter's grad over TP or the embedding group."""
     if getattr(p, "sync_tp_grad", False) is not False and ps.tp > 1:
@@ -190,10 +184,10 @@ class DataParallel:
         if self.shard:
             lo, hi = self.shard_range(b)
             b.scratch = torch.empty(hi - lo, dtype=g.dtype, device=g.device)
-            record_dp("dp.reduce_scatter", g)
+            comm.record("dp.reduce_scatter", g)
             b.handle = dist.reduce_scatter_single(b.scratch, g, group=self.ps.dp_group, async_op=True)
         else:
-            record_dp("dp.all_reduce", g)
+            comm.record("dp.all_reduce", g)
             b.handle = dist.all_reduce(g, group=self.ps.dp_group, async_op=True)
 
     def finish_grad_sync(self) -> None:
@@ -228,7 +222,7 @@ class DataParallel:
             lo, hi = self.shard_range(b)
             mine = self.param_data[lo:hi].clone()
             out = self.param_data[b.start: b.end]
-            record_dp("dp.all_gather", out)
+            comm.record("dp.all_gather", out)
             dist.all_gather_single(out, mine, group=self.ps.dp_group)
 
     def describe(self) -> str:

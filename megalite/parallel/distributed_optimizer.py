@@ -26,7 +26,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from megalite.config import OptimConfig
-from megalite.parallel.data_parallel import DataParallel, ParamSlot, record_dp
+from megalite.parallel import comm
+from megalite.parallel.data_parallel import DataParallel, ParamSlot
 from megalite.parallel.sharding import get_tp_shard
 from megalite.parallel.state import ParallelState
 
@@ -114,7 +115,7 @@ class BufferOptimizer:
         # Replicated: every DP rank holds the same grads, sum over the model-parallel ranks only.
         group = None if self.sharded else self.ps.mp_group
         if self.ps.world_size > 1 and (self.sharded or self.ps.tp * self.ps.pp > 1):
-            record_dp("opt.all_reduce", sq)
+            comm.record("opt.all_reduce", sq)
             dist.all_reduce(sq, group=group)
         return float(sq.sqrt())
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megalite.parallel.comm import _record
+from megalite.parallel.comm import record
 from megalite.parallel.state import ParallelState
 
 FORWARD_TAG = 1  # activations: stage s -> s+1
@@ -56,13 +56,13 @@ class PipelineComm:
         from_next = self._buffer() if recv_next else None
         if send_next is not None:
             t = self._check(send_next)
-            _record("p2p", t)
+            record("p2p", t)
             ops.append(dist.P2POp(dist.isend, t, ps.next_rank, group, FORWARD_TAG))
         if from_prev is not None:
             ops.append(dist.P2POp(dist.irecv, from_prev, ps.prev_rank, group, FORWARD_TAG))
         if send_prev is not None:
             t = self._check(send_prev)
-            _record("p2p", t)
+            record("p2p", t)
             ops.append(dist.P2POp(dist.isend, t, ps.prev_rank, group, BACKWARD_TAG))
         if from_next is not None:
             ops.append(dist.P2POp(dist.irecv, from_next, ps.next_rank, group, BACKWARD_TAG))
