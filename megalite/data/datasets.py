@@ -26,7 +26,7 @@ from megalite.config import ConfigError, DataConfig
 from megalite.data import indexed
 from megalite.data.cache import build_once, params_hash
 from megalite.data.indexed import IndexedDataset, IndexedDatasetError
-from megalite.data.tokenizer import Tokenizer, tokenizer_key
+from megalite.data.tokenizer import Tokenizer, append_eod, tokenizer_key
 
 INDEX_VERSION = 1
 SPLITS = ("train", "valid", "test")
@@ -278,9 +278,7 @@ def default_corpus_prefix(cfg: DataConfig, tokenizer: Tokenizer) -> str:
 
 
 def _write_batch(w: indexed.IndexedDatasetWriter, tokenizer: Tokenizer, texts: list[str]) -> None:
-    flat, lengths = tokenizer.encode_batch_flat(texts, w.dtype)
-    ends = np.cumsum(lengths)
-    w.add_documents(np.insert(flat, ends, tokenizer.eod), lengths + 1)
+    w.add_documents(*append_eod(*tokenizer.encode_batch_flat(texts, w.dtype), tokenizer.eod))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import numpy as np
 from megalite.data.indexed import IndexedDatasetWriter, best_dtype, merge_shards
 from megalite.data.pool import bounded_imap
 from megalite.data.readers import Chunk, read_chunks
-from megalite.data.tokenizer import Tokenizer, build_tokenizer
+from megalite.data.tokenizer import Tokenizer, append_eod, build_tokenizer
 
 
 class MalformedInput(ValueError):
@@ -110,9 +110,8 @@ def encode_chunk(chunk: Chunk) -> Encoded:
     tokens, lengths = {}, {}
     for k in keys:
         flat, lens = _tok.encode_batch_flat(texts[k], dtype)
-        if _opts["eod"] and len(lens):
-            flat = np.insert(flat, np.cumsum(lens), _tok.eod)
-            lens = lens + 1
+        if _opts["eod"]:
+            flat, lens = append_eod(flat, lens, _tok.eod)
         tokens[k], lengths[k] = flat, lens
     return Encoded(tokens, lengths, len(texts[keys[0]]), bad, chunk.tag)
 

@@ -259,6 +259,11 @@ class TikTokenizer(Tokenizer):
         return self.enc._special_tokens.get(piece)
 
 
+def append_eod(flat: np.ndarray, lengths: np.ndarray, eod: int) -> tuple[np.ndarray, np.ndarray]:
+    """A flat batch (see `encode_batch_flat`) with `eod` appended to every document."""
+    return np.insert(flat, np.cumsum(lengths), eod), lengths + 1
+
+
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str = "") -> Tokenizer:
     """`byte`, `sentencepiece`, `hf` or `tiktoken` (Megatron's type names are accepted too)."""
     kind = {"sentencepiecetokenizer": "sentencepiece", "llama2tokenizer": "sentencepiece", "spm": "sentencepiece",

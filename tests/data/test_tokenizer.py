@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from megalite.config import ConfigError
-from megalite.data.tokenizer import build_tokenizer
+from megalite.data.tokenizer import append_eod, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = "def f(x):\n    return 12345 + x  # naïve ü\n"
@@ -28,6 +28,13 @@ def test_byte():
     tok = build_tokenizer("byte")
     _check(tok)
     assert tok.chat_tokens == {"<|im_start|>": 259, "<|im_end|>": 260}
+
+
+def test_append_eod_ends_every_document_even_empty_ones():
+    flat, lengths = append_eod(np.array([1, 2, 3, 4], np.uint16), np.array([2, 0, 2]), 9)
+    assert flat.dtype == np.uint16 and flat.tolist() == [1, 2, 9, 9, 3, 4, 9] and lengths.tolist() == [3, 1, 3]
+    flat, lengths = append_eod(np.zeros(0, np.uint16), np.zeros(0, np.int64), 9)
+    assert flat.size == 0 and lengths.size == 0
 
 
 @pytest.fixture(scope="module")
