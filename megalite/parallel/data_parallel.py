@@ -229,11 +229,3 @@ class DataParallel:
         mb = self.numel * self.param_data.element_size() / 2**20
         return (f"{len(self.buckets)} buckets over {self.num_params:,} params ({mb:.1f} MiB), "
                 f"{'reduce-scatter' if self.shard else 'all-reduce'}, overlap={'on' if self.overlap else 'off'}")
-
-
-def find_data_parallel(modules: list[nn.Module]) -> DataParallel | None:
-    for m in modules:
-        dp = getattr(m, "grad_sync", None)
-        if isinstance(dp, DataParallel):
-            return dp
-    return None

@@ -59,12 +59,11 @@ def sync_dp_grads(modules: Iterable[nn.Module], ps: ParallelState) -> None:
     _coalesced_all_reduce(grads, ps.dp_group)
 
 
-def finalize_grads(modules: list[nn.Module], ps: ParallelState, dp_sync: bool = True) -> None:
+def finalize_grads(modules: list[nn.Module], ps: ParallelState) -> None:
     grad_sync = next((m.grad_sync for m in modules if hasattr(m, "grad_sync")), None)
-    if grad_sync is not None and dp_sync:
-        grad_sync.finish_grad_sync()  # DataParallel: waits for the overlapped bucket reductions
+    if grad_sync is not None:
+        grad_sync.finish_grad_sync()  # DataParallel: all three, idempotent until its zero_grad
         return
     sync_tp_partial_grads(modules, ps)
     sync_tied_embedding_grads(modules, ps)
-    if dp_sync:
-        sync_dp_grads(modules, ps)
+    sync_dp_grads(modules, ps)
