@@ -24,7 +24,7 @@ import _common  # noqa: F401 - sets up the import path
 
 from megalite.data.cleaning import CleanConfig, Cleaner, Deduplicator, DocResult, load_clean_config
 from megalite.data.pool import bounded_imap
-from megalite.data.readers import Chunk, read_chunks
+from megalite.data.readers import Chunk, iter_records, read_chunks
 
 _cleaner: Cleaner | None = None
 _key = "text"
@@ -38,18 +38,7 @@ def _init(cfg: CleanConfig) -> None:
 def clean_chunk(chunk: Chunk) -> list[tuple[dict | None, DocResult]]:
     assert _cleaner is not None
     out: list[tuple[dict | None, DocResult]] = []
-    if chunk.records is not None:
-        objs = [{_key: t} for t in chunk.records[_key]]
-    else:
-        objs = []
-        for line in (chunk.lines or b"").split(b"\n"):
-            if not line.strip():
-                continue
-            try:
-                objs.append(json.loads(line))
-            except ValueError:
-                objs.append(None)
-    for obj in objs:
+    for _, obj, _ in iter_records(chunk):  # a line that does not parse comes as None: malformed
         if not isinstance(obj, dict) or not isinstance(obj.get(_key), str):
             out.append((None, DocResult(None, "malformed")))
             continue

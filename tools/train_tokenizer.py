@@ -11,7 +11,6 @@ normalization, unk/bos/eos = 0/1/2, no pad). `hf-bpe`: a byte-level BPE in a HF 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -23,24 +22,15 @@ CHAT = ["<|im_start|>", "<|im_end|>"]
 
 
 def iter_texts(inputs: list[str], key: str, max_docs: int | None) -> Iterator[str]:
-    from megalite.data.readers import read_chunks
+    from megalite.data.readers import iter_records, read_chunks
 
     n = 0
     for chunk in read_chunks(inputs, [key]):
-        if chunk.records is not None:
-            texts = [t for t in chunk.records[key] if isinstance(t, str)]
-        else:
-            texts = []
-            for line in (chunk.lines or b"").split(b"\n"):
-                try:
-                    obj = json.loads(line) if line.strip() else None
-                except ValueError:
-                    continue  # malformed lines are preprocess_data's business; training skips them
-                if isinstance(obj, dict) and isinstance(obj.get(key), str):
-                    texts.append(obj[key])
-        for t in texts:
-            if t:
-                yield t
+        # Malformed lines (obj None, or no string under `key`) are preprocess_data's business;
+        # training skips them.
+        for _, obj, _ in iter_records(chunk):
+            if isinstance(obj, dict) and isinstance(obj.get(key), str) and obj[key]:
+                yield obj[key]
                 n += 1
                 if max_docs is not None and n >= max_docs:
                     return

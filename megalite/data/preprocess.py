@@ -9,7 +9,6 @@ pool's ordered imap keeps a bounded window), not the writer.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -21,7 +20,7 @@ import numpy as np
 
 from megalite.data.indexed import IndexedDatasetWriter, best_dtype, merge_shards
 from megalite.data.pool import bounded_imap
-from megalite.data.readers import Chunk, read_chunks
+from megalite.data.readers import Chunk, iter_records, read_chunks
 from megalite.data.tokenizer import Tokenizer, append_eod, build_tokenizer
 
 
@@ -77,36 +76,20 @@ def encode_chunk(chunk: Chunk) -> Encoded:
     keys, dtype = _opts["keys"], _opts["dtype"]
     texts: dict[str, list[str]] = {k: [] for k in keys}
     bad: list[tuple[str, int, str]] = []
-    if chunk.records is not None:
-        n = chunk.count
-        for i in range(n):
-            vals = [chunk.records[k][i] for k in keys]
-            wrong = next((k for k, v in zip(keys, vals) if not isinstance(v, str)), None)
-            if wrong is not None:
-                bad.append((chunk.source, chunk.first_line + i, f"column {wrong!r} is not a string"))
-                continue
-            for k, v in zip(keys, vals):
-                texts[k].append(v)
-    else:
-        assert chunk.lines is not None
-        for i, line in enumerate(chunk.lines.split(b"\n")):
-            if not line.strip():
-                continue  # blank lines (and the final newline) are not documents
-            try:
-                obj = json.loads(line)
-            except (ValueError, UnicodeDecodeError) as e:
-                bad.append((chunk.source, chunk.first_line + i, f"invalid JSON ({str(e).split(':')[0]})"))
-                continue
-            if not isinstance(obj, dict):
-                bad.append((chunk.source, chunk.first_line + i, "not a JSON object"))
-                continue
+    for line, obj, why in iter_records(chunk):
+        if why is None and not isinstance(obj, dict):
+            why = "not a JSON object"
+        if why is None:
             missing = next((k for k in keys if not isinstance(obj.get(k), str)), None)
-            if missing is not None:
-                why = "missing key" if missing not in obj else "non-string value for key"
-                bad.append((chunk.source, chunk.first_line + i, f"{why} {missing!r}"))
-                continue
-            for k in keys:
-                texts[k].append(obj[k])
+            if missing is not None and chunk.records is not None:
+                why = f"column {missing!r} is not a string"
+            elif missing is not None:
+                why = f"{'missing key' if missing not in obj else 'non-string value for key'} {missing!r}"
+        if why is not None:
+            bad.append((chunk.source, line, why))
+            continue
+        for k in keys:
+            texts[k].append(obj[k])
     tokens, lengths = {}, {}
     for k in keys:
         flat, lens = _tok.encode_batch_flat(texts[k], dtype)

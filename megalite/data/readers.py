@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,26 @@ class Chunk:
         if self.records is not None:
             return len(next(iter(self.records.values()), []))
         return 0 if not self.lines else self.lines.count(b"\n") + (not self.lines.endswith(b"\n"))
+
+
+def iter_records(chunk: Chunk) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, record, None) for each record of a chunk, or (line number, None, reason) for a
+    JSONL line that does not parse. A JSONL record is whatever the line holds (callers check it is
+    an object with their keys); a Parquet row is {column: value}. Blank lines are not records."""
+    if chunk.records is not None:
+        columns = list(chunk.records.items())
+        for i in range(chunk.count):
+            yield chunk.first_line + i, {k: v[i] for k, v in columns}, None
+        return
+    for i, line in enumerate((chunk.lines or b"").split(b"\n")):
+        if not line.strip():
+            continue  # blank lines (and the final newline) are not documents
+        try:
+            obj = json.loads(line)
+        except ValueError as e:  # UnicodeDecodeError included
+            yield chunk.first_line + i, None, f"invalid JSON ({str(e).split(':')[0]})"
+            continue
+        yield chunk.first_line + i, obj, None
 
 
 def _open_text_stream(path: str) -> tuple[io.BufferedIOBase, Any]:
