@@ -21,7 +21,6 @@ from megalite.parallel.mappings import (
     gather_from_tp,
     reduce_from_tp,
     reduce_scatter_to_sequence,
-    scatter_to_tp,
 )
 from megalite.parallel.sharding import TPShard, set_tp_shard
 from megalite.parallel.state import ParallelState
@@ -73,15 +72,16 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """y = x A^T with A split by input columns; the partial sums are reduced over TP
+    """y = x A^T with A split by input columns; the input is this rank's slice of those columns
+    (a column-parallel layer's output) and the partial sums are reduced over TP
     (reduce-scattered along the sequence under SP)."""
 
     def __init__(self, in_features: int, out_features: int, ps: ParallelState, *, bias: bool = False,
-                 input_is_parallel: bool = True, init: str = "scaled", device=None, dtype=None) -> None:
+                 init: str = "scaled", device=None, dtype=None) -> None:
         super().__init__()
         if in_features % ps.tp:
             raise ValueError(f"input size {in_features} is not divisible by tp={ps.tp}")
-        self.ps, self.input_is_parallel = ps, input_is_parallel
+        self.ps = ps
         self.weight = _param(out_features, in_features // ps.tp, device=device, dtype=dtype, init=init)
         set_tp_shard(self.weight, TPShard(1, (in_features,)))
         self.bias = None
@@ -89,9 +89,6 @@ class RowParallelLinear(nn.Module):
             self.bias = _param(out_features, device=device, dtype=dtype, init="zeros", sync_tp_grad=ps.sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.ps.tp_group
-        if not self.input_is_parallel:
-            x = scatter_to_tp(x, g)
         return self.reduce_output(F.linear(x, self.weight))
 
     def reduce_output(self, y: torch.Tensor) -> torch.Tensor:

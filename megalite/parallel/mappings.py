@@ -70,17 +70,6 @@ class _ReduceFromTP(torch.autograd.Function):
         return g, None
 
 
-class _ScatterLast(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_last(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather_last(g, ctx.group), None
-
-
 class _GatherLast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -104,19 +93,17 @@ class _ScatterSeq(torch.autograd.Function):
 
 
 class _GatherSeq(torch.autograd.Function):
-    """All-gather along the sequence. Backward reduce-scatters when the consumer is TP-parallel
-    (each rank holds a partial gradient), otherwise just splits (every rank holds the full one)."""
+    """All-gather along the sequence. The consumer is TP-parallel, so each rank holds a partial
+    gradient of the full sequence: backward reduce-scatters it."""
 
     @staticmethod
-    def forward(ctx, x, group, grad_is_partial):
-        ctx.group, ctx.partial = group, grad_is_partial
+    def forward(ctx, x, group):
+        ctx.group = group
         return all_gather_dim0(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        if ctx.partial:
-            return reduce_scatter_dim0(g, ctx.group), None, None
-        return _split_first(g, ctx.group), None, None
+        return reduce_scatter_dim0(g, ctx.group), None
 
 
 class _ReduceScatterSeq(torch.autograd.Function):
@@ -140,11 +127,6 @@ def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
 
 
-def scatter_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """Keep this rank's slice of the last dim; backward all-gathers."""
-    return x if group_size(group) == 1 else _ScatterLast.apply(x, group)
-
-
 def gather_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     """All-gather the last dim; backward keeps this rank's slice."""
     return x if group_size(group) == 1 else _GatherLast.apply(x, group)
@@ -155,9 +137,9 @@ def scatter_to_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group_size(group) == 1 else _ScatterSeq.apply(x, group)
 
 
-def gather_from_sequence(x: torch.Tensor, group: Group, grad_is_partial: bool = True) -> torch.Tensor:
-    """All-gather the sequence; backward reduce-scatters (or splits, if `grad_is_partial` is False)."""
-    return x if group_size(group) == 1 else _GatherSeq.apply(x, group, grad_is_partial)
+def gather_from_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """All-gather the sequence; backward reduce-scatters."""
+    return x if group_size(group) == 1 else _GatherSeq.apply(x, group)
 
 
 def reduce_scatter_to_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:

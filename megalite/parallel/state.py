@@ -64,6 +64,15 @@ def rank_of(tp_rank: int, cp_rank: int, dp_rank: int, pp_rank: int, tp: int, cp:
     return tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank))
 
 
+def data_parallel_size(par: ParallelConfig, world_size: int) -> int:
+    """world_size / (tp * pp * cp): the model-parallel ranks of one replica divide the world."""
+    mp = par.tp * par.pp * par.cp
+    if world_size % mp != 0:
+        raise ConfigError(f"world size {world_size} is not divisible by tp*pp*cp = "
+                          f"{par.tp}*{par.pp}*{par.cp} = {mp}")
+    return world_size // mp
+
+
 def check_layout(model: ModelConfig, par: ParallelConfig, train: TrainConfig, world_size: int) -> int:
     """Validates the layout against the world size and the model; returns the DP size."""
     for name in ("tp", "pp", "cp", "vpp"):
@@ -91,11 +100,7 @@ def check_layout(model: ModelConfig, par: ParallelConfig, train: TrainConfig, wo
                           "(required by sequence parallelism)")
     if train.seq_len > model.max_seq_len:
         raise ConfigError(f"train.seq_len {train.seq_len} exceeds model.max_seq_len {model.max_seq_len}")
-    mp = par.tp * par.pp * par.cp
-    if world_size % mp != 0:
-        raise ConfigError(f"world size {world_size} is not divisible by tp*pp*cp = "
-                          f"{par.tp}*{par.pp}*{par.cp} = {mp}")
-    dp = world_size // mp
+    dp = data_parallel_size(par, world_size)
     per_step = train.micro_batch_size * dp
     if train.global_batch_size % per_step != 0:
         raise ConfigError(f"train.global_batch_size {train.global_batch_size} is not divisible by "
@@ -136,11 +141,8 @@ def build_parallel_state(par: ParallelConfig, device: torch.device | None = None
     else:
         world, rank = 1, 0
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    mp = par.tp * par.pp * par.cp
-    if world % mp != 0:
-        raise ConfigError(f"world size {world} is not divisible by tp*pp*cp = {mp}")
     tp, pp, cp = par.tp, par.pp, par.cp
-    dp = world // mp
+    dp = data_parallel_size(par, world)
     ps = ParallelState(world_size=world, rank=rank, local_rank=local, tp=tp, pp=pp, dp=dp, cp=cp,
                        vpp=par.vpp, sp=par.sp and tp > 1, device=device)
     ps.tp_rank = rank % tp
