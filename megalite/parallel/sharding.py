@@ -1,8 +1,10 @@
 """How a tensor-parallel parameter maps onto its global (TP=1) tensor.
 
-Init and checkpoints both go through `split_for_rank` / `gather_full`, so a weight is created, saved
-and resharded by one definition. A fused weight (e.g. gate|up) is several blocks concatenated along
-the sharded dim; each block is split separately so rank r holds [gate_r, up_r].
+`split_for_rank` cuts a rank's slice out of the global tensor (init, and checkpoint loading into any
+TP size); `assemble_global` is its inverse over all ranks' slices (checkpoint loading and the
+offline tools), and `gather_full` runs that inverse after an all-gather. So a weight is created,
+saved and resharded by one definition. A fused weight (e.g. gate|up) is several blocks
+concatenated along the sharded dim; each block is split separately so rank r holds [gate_r, up_r].
 """
 
 from __future__ import annotations
@@ -55,16 +57,24 @@ def split_for_rank(full: torch.Tensor, shard: TPShard, rank: int, tp: int) -> to
                       for i, p in enumerate(parts)], dim=shard.dim).contiguous()
 
 
-def gather_full(local: torch.Tensor, shard: TPShard, group, tp: int) -> torch.Tensor:
-    """Inverse of `split_for_rank`: every rank gets the global tensor (padding dropped)."""
-    if tp == 1:
-        full = local
-    else:
-        moved = local.movedim(shard.dim, 0)
-        g = all_gather_dim0(moved, group).view(tp, *moved.shape)  # [tp, local, ...]
-        pieces = torch.split(g, shard.local_blocks(tp), dim=1)  # each [tp, b/tp, ...]
-        full = torch.cat([p[0] if shard.is_replicated(i) else p.reshape(-1, *p.shape[2:])
-                          for i, p in enumerate(pieces)], dim=0).movedim(0, shard.dim)
+def assemble_global(locals_: list[torch.Tensor], shard: TPShard | None) -> torch.Tensor:
+    """Inverse of `split_for_rank`: the TP ranks' local tensors (in TP order) -> global (padding dropped)."""
+    if shard is None:
+        return locals_[0]
+    tp = len(locals_)
+    per_rank = [torch.split(t, shard.local_blocks(tp), dim=shard.dim) for t in locals_]
+    parts = [per_rank[0][i] if shard.is_replicated(i) else torch.cat([r[i] for r in per_rank], dim=shard.dim)
+             for i in range(len(shard.blocks))]
+    full = torch.cat(parts, dim=shard.dim)
     if shard.logical is not None:
         full = full.narrow(shard.dim, 0, shard.logical)
-    return full.contiguous()
+    return full
+
+
+def gather_full(local: torch.Tensor, shard: TPShard, group, tp: int) -> torch.Tensor:
+    """Every rank gets the global tensor: the TP group's slices gathered, then `assemble_global`."""
+    if tp == 1:
+        return assemble_global([local], shard).contiguous()
+    moved = local.movedim(shard.dim, 0)
+    g = all_gather_dim0(moved, group).view(tp, *moved.shape)  # [tp, local, ...]
+    return assemble_global([g[r].movedim(0, shard.dim) for r in range(tp)], shard).contiguous()

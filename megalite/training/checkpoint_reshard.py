@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from megalite.config import ConfigError
-from megalite.parallel.sharding import TPShard, get_tp_shard, split_for_rank
+from megalite.parallel.sharding import TPShard, assemble_global, get_tp_shard, split_for_rank
 from megalite.parallel.state import ParallelState
 
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "master")
@@ -51,20 +51,6 @@ def shard_from_json(d: dict | None) -> TPShard | None:
         return None
     return TPShard(d["dim"], tuple(d["blocks"]), d["logical"],
                    tuple(d["replicated"]) if d["replicated"] is not None else None)
-
-
-def assemble_global(locals_: list[torch.Tensor], shard: TPShard | None) -> torch.Tensor:
-    """Offline inverse of `split_for_rank`: the TP ranks' local tensors (in TP order) -> global."""
-    if shard is None:
-        return locals_[0]
-    tp = len(locals_)
-    per_rank = [torch.split(t, shard.local_blocks(tp), dim=shard.dim) for t in locals_]
-    parts = [per_rank[0][i] if shard.is_replicated(i) else torch.cat([r[i] for r in per_rank], dim=shard.dim)
-             for i in range(len(shard.blocks))]
-    full = torch.cat(parts, dim=shard.dim)
-    if shard.logical is not None:
-        full = full.narrow(shard.dim, 0, shard.logical)
-    return full
 
 
 def local_for(full: torch.Tensor, p: torch.Tensor, ps: ParallelState) -> torch.Tensor:

@@ -15,12 +15,11 @@ import torch
 from megalite.config import Config, ConfigError, ModelConfig
 from megalite.model import LlamaModel
 from megalite.parallel.distributed_optimizer import BufferOptimizer
-from megalite.parallel.sharding import TPShard, split_for_rank
+from megalite.parallel.sharding import TPShard, assemble_global, split_for_rank
 from megalite.parallel.state import ParallelState
 from megalite.testing import run_distributed
 from megalite.training import checkpoint as ckpt
 from megalite.training.checkpoint_global import load_global_weights, save_global_weights
-from megalite.training.checkpoint_reshard import assemble_global
 from megalite.training.trainer import Trainer
 from tests.training.common import tiny_config
 
