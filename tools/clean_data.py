@@ -11,17 +11,19 @@ document is counted under one reason in the stats report; outputs appear atomica
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
-import io
 import json
 import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import IO
 
 import _common  # noqa: F401 - sets up the import path
 
+from megalite.atomic import atomic_write, atomic_write_text
 from megalite.data.cleaning import CleanConfig, Cleaner, Deduplicator, DocResult, load_clean_config
 from megalite.data.pool import bounded_imap
 from megalite.data.readers import Chunk, iter_records, read_chunks
@@ -49,16 +51,22 @@ def clean_chunk(chunk: Chunk) -> list[tuple[dict | None, DocResult]]:
     return out
 
 
-def _open_output(path: str, final: str) -> IO[bytes]:
-    """Opens `path` for writing, compressed as the extension of `final` (its eventual name) says."""
-    raw = open(path, "wb")
-    if final.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="wb")  # type: ignore[return-value]
-    if final.endswith((".zst", ".zstd")):
-        import zstandard
+@contextlib.contextmanager
+def _open_output(path: str, final: str) -> Iterator[IO[bytes]]:
+    """`path` open for writing, compressed as the extension of `final` (its eventual name) says.
+    The compressor is closed first, then the file itself, so its last bytes are written (or the
+    write error raised) before the caller goes on to publish it."""
+    with open(path, "wb", buffering=1 << 20) as raw:
+        if final.endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw, mode="wb") as gz:  # never closes `raw` itself
+                yield gz  # type: ignore[misc]
+        elif final.endswith((".zst", ".zstd")):
+            import zstandard
 
-        return zstandard.ZstdCompressor(level=3).stream_writer(raw)  # type: ignore[return-value]
-    return io.BufferedWriter(raw, 1 << 20)
+            with zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False) as zst:
+                yield zst  # type: ignore[misc]
+        else:
+            yield raw
 
 
 def clean(inputs: list[str], output: str, stats_path: str | None, cfg: CleanConfig, workers: int,
@@ -69,14 +77,15 @@ def clean(inputs: list[str], output: str, stats_path: str | None, cfg: CleanConf
     n_in = n_out = lines_removed = 0
     dedup = Deduplicator()
     chunks = read_chunks(inputs, [cfg.text_key])
-    tmp = f"{output}.{os.getpid()}.tmp"
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(unit=" docs", unit_scale=True, mininterval=0.5, file=sys.stderr)
-    try:
+
+    def write(tmp: str) -> None:
+        nonlocal n_in, n_out, lines_removed
         with bounded_imap(clean_chunk, chunks, workers, _init, (cfg,)) as results, \
                 _open_output(tmp, output) as out:
             for batch in results:
@@ -92,11 +101,9 @@ def clean(inputs: list[str], output: str, stats_path: str | None, cfg: CleanConf
                     n_out += 1
                 if bar is not None:
                     bar.update(len(batch))
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    try:
+        atomic_write(output, write)
     finally:
         if bar is not None:
             bar.close()
@@ -107,10 +114,7 @@ def clean(inputs: list[str], output: str, stats_path: str | None, cfg: CleanConf
         "inputs": inputs, "output": output,
     }
     if stats_path:
-        stmp = f"{stats_path}.{os.getpid()}.tmp"
-        with open(stmp, "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(stmp, stats_path)
+        atomic_write_text(stats_path, json.dumps(report, indent=1))
     return report
 
 

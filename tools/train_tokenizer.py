@@ -63,9 +63,9 @@ def train_hf_bpe(texts: Iterator[str], vocab_size: int, output: str) -> None:
                                   special_tokens=["<|endoftext|>", "<|pad|>", *CHAT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
-    tmp = f"{output}.{os.getpid()}.tmp"
-    tok.save(tmp)
-    os.replace(tmp, output)
+    from megalite.atomic import atomic_write
+
+    atomic_write(output, tok.save)
 
 
 def main() -> int:
