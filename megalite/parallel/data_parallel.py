@@ -68,7 +68,6 @@ class Bucket:
     ready: set[int] = field(default_factory=set)
     launched: bool = False
     handle: dist.Work | None = None
-    scratch: torch.Tensor | None = None  # reduce-scatter output, copied into the buffer on wait
 
 
 class DataParallel:
@@ -141,7 +140,7 @@ class DataParallel:
         self.grad_data.zero_()
         for b in self.buckets:
             b.ready.clear()
-            b.launched, b.handle, b.scratch = False, None, None
+            b.launched, b.handle = False, None
         for s in self.slots:
             s.param.grad = self._grad_view[id(s.param)]  # in case someone set it to None
         self._finished = False
@@ -182,10 +181,12 @@ class DataParallel:
             return
         g = self.grad_data[b.start: b.end]
         if self.shard:
+            # In place: this rank's output slice is its own chunk of the input, the aliasing
+            # NCCL documents as in-place reduce-scatter (gloo reduces a copy of the input).
             lo, hi = self.shard_range(b)
-            b.scratch = torch.empty(hi - lo, dtype=g.dtype, device=g.device)
             comm.record("dp.reduce_scatter", g)
-            b.handle = dist.reduce_scatter_single(b.scratch, g, group=self.ps.dp_group, async_op=True)
+            b.handle = dist.reduce_scatter_single(self.grad_data[lo:hi], g, group=self.ps.dp_group,
+                                                  async_op=True)
         else:
             comm.record("dp.all_reduce", g)
             b.handle = dist.all_reduce(g, group=self.ps.dp_group, async_op=True)
@@ -207,10 +208,6 @@ class DataParallel:
             if b.handle is not None:
                 b.handle.wait()
                 b.handle = None
-            if b.scratch is not None:
-                lo, hi = self.shard_range(b)
-                self.grad_data[lo:hi].copy_(b.scratch)
-                b.scratch = None
         self._finished = True
 
     # -- after the optimizer step ---------------------------------------------------------------
@@ -219,11 +216,12 @@ class DataParallel:
         if not self.shard or self.dp == 1:
             return
         for b in self.buckets:
+            # In place: the input is this rank's own chunk of the output (NCCL's in-place
+            # all-gather; gloo gathers into a separate buffer and copies out).
             lo, hi = self.shard_range(b)
-            mine = self.param_data[lo:hi].clone()
             out = self.param_data[b.start: b.end]
             comm.record("dp.all_gather", out)
-            dist.all_gather_single(out, mine, group=self.ps.dp_group)
+            dist.all_gather_single(out, self.param_data[lo:hi], group=self.ps.dp_group)
 
     def describe(self) -> str:
         mb = self.numel * self.param_data.element_size() / 2**20
