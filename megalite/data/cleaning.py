@@ -180,9 +180,15 @@ def _dup_stats(items: list[str]) -> tuple[float, float]:
     return dup / max(len(items), 1), dup_chars / max(total_chars, 1)
 
 
-def gopher_repetition(text: str, words: list[str], cfg: GopherConfig) -> str | None:
+def _lines(text: str) -> list[str]:
+    """The non-blank lines of `text`."""
+    return [ln for ln in text.split("\n") if ln.strip()]
+
+
+def gopher_repetition(text: str, words: list[str], cfg: GopherConfig, lines: list[str] | None = None) -> str | None:
+    """`lines`: `text`'s non-blank lines, when the caller has them already."""
     paras = [p for p in re.split(r"\n{2,}", text.strip()) if p.strip()]
-    lines = [ln for ln in text.split("\n") if ln.strip()]
+    lines = _lines(text) if lines is None else lines
     frac, char_frac = _dup_stats(paras)
     if frac > cfg.max_dup_para_ratio:
         return "gopher_dup_paragraphs"
@@ -238,7 +244,8 @@ def _ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
     return h
 
 
-def gopher_quality(text: str, words: list[str], cfg: GopherConfig) -> str | None:
+def gopher_quality(text: str, words: list[str], cfg: GopherConfig, lines: list[str] | None = None) -> str | None:
+    """`lines`: `text`'s non-blank lines, when the caller has them already."""
     plain = [w for w in words if _PUNCT.sub("", w)]  # words that are not pure punctuation
     n = len(plain)
     if n < cfg.min_words:
@@ -251,7 +258,7 @@ def gopher_quality(text: str, words: list[str], cfg: GopherConfig) -> str | None
     symbols = text.count("#") + text.count("...") + text.count("…")
     if symbols / n > cfg.max_symbol_word_ratio:
         return "gopher_symbol_ratio"
-    lines = [ln for ln in text.split("\n") if ln.strip()]
+    lines = _lines(text) if lines is None else lines
     if lines:
         if sum(ln.lstrip().startswith(_BULLETS) for ln in lines) / len(lines) > cfg.max_bullet_lines_ratio:
             return "gopher_bullet_lines"
@@ -310,7 +317,12 @@ def normalize(text: str) -> str:
 
 
 def exact_hash(text: str) -> bytes:
-    return hashlib.blake2b(normalize(text).encode(), digest_size=16).digest()
+    return exact_hash_normalized(normalize(text))
+
+
+def exact_hash_normalized(norm: str) -> bytes:
+    """`exact_hash` of a text whose `normalize` the caller already has."""
+    return hashlib.blake2b(norm.encode(), digest_size=16).digest()
 
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -336,18 +348,16 @@ class MinHasher:
         self.a, self.b = _permutations(self.num, cfg.seed)
 
     def signature(self, text: str) -> np.ndarray:
-        words = normalize(text).split()
-        n = self.cfg.ngram
-        if not words:
-            words = [""]
-        wh = np.fromiter(((zlib.crc32(w.encode()) << 32) | zlib.adler32(w.encode()) for w in words),
-                         dtype=np.uint64, count=len(words))
-        k = max(1, len(words) - n + 1)
-        sh = np.zeros(k, dtype=np.uint64)
-        mult = np.uint64(1099511628211)
+        return self.signature_normalized(normalize(text))
+
+    def signature_normalized(self, norm: str) -> np.ndarray:
+        """`signature` of a text whose `normalize` the caller already has."""
+        words = [w.encode() for w in norm.split()] or [b""]
+        wh = np.fromiter(((zlib.crc32(w) << 32) | zlib.adler32(w) for w in words), dtype=np.uint64, count=len(words))
+        # Shingles of n words (the whole text when it is shorter), hashed as the Gopher n-grams are.
+        sh = _ngram_hashes(wh, min(self.cfg.ngram, len(words)))
+        k = len(sh)
         with np.errstate(over="ignore"):
-            for j in range(min(n, len(words))):
-                sh = sh * mult + wh[j : j + k]
             sig = np.full(self.num, np.iinfo(np.uint64).max, dtype=np.uint64)
             for s in range(0, k, 2048):
                 block = sh[s : s + 2048, None] * self.a[None, :] + self.b[None, :]
@@ -387,8 +397,9 @@ class Cleaner:
         if cfg.length.enabled and (r := length_filter(text, cfg.length)):
             return DocResult(None, r)
         if cfg.gopher.enabled:
-            words = text.split()
-            if (r := gopher_repetition(text, words, cfg.gopher)) or (r := gopher_quality(text, words, cfg.gopher)):
+            words, lines = text.split(), _lines(text)
+            if ((r := gopher_repetition(text, words, cfg.gopher, lines))
+                    or (r := gopher_quality(text, words, cfg.gopher, lines))):
                 return DocResult(None, r)
         removed = 0
         if cfg.c4.enabled:
@@ -398,8 +409,9 @@ class Cleaner:
             if cfg.length.enabled and len(text) < cfg.length.min_chars:
                 return DocResult(None, "length_too_short_after_c4", lines_removed=removed)
         # Dedup keys are taken before scrubbing, so placeholders never make documents look alike.
-        exact = exact_hash(text) if cfg.dedup.exact else None
-        bands = self.minhash.band_keys(self.minhash.signature(text)) if self.minhash else None
+        norm = normalize(text) if cfg.dedup.exact or self.minhash else ""
+        exact = exact_hash_normalized(norm) if cfg.dedup.exact else None
+        bands = self.minhash.band_keys(self.minhash.signature_normalized(norm)) if self.minhash else None
         pii: dict[str, int] = {}
         if cfg.pii.enabled:
             text, pii = scrub_pii(text, cfg.pii)

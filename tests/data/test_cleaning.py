@@ -14,6 +14,7 @@ from megalite.data.cleaning import (
     DedupConfig,
     MinHasher,
     PIIConfig,
+    exact_hash,
     gopher_quality,
     jaccard_estimate,
     load_clean_config,
@@ -55,6 +56,17 @@ def test_minhash_estimates_similarity():
     assert jaccard_estimate(mh.signature(a), mh.signature(c)) < 0.2
     assert mh.signature(a).shape == (112,)  # FineWeb's 14 bands x 8 rows
     assert np.array_equal(mh.signature(a), MinHasher(DedupConfig()).signature(a))  # deterministic
+
+
+def test_cleaner_dedup_keys_equal_the_public_hashes():
+    """The cleaner normalizes each document once and hands that to both keys: same keys as the
+    one-call functions (including texts shorter than a shingle)."""
+    cfg = load_clean_config({"length": {"enabled": False}, "gopher": {"enabled": False}, "c4": {"enabled": False},
+                             "pii": {"enabled": False}})
+    mh = MinHasher(cfg.dedup)
+    for text in ("", "Two words.", prose(random.Random(4), 20)):
+        r = Cleaner(cfg).process(text)
+        assert r.exact == exact_hash(text) and r.bands == mh.band_keys(mh.signature(text))
 
 
 def test_gopher_quality_reasons():
