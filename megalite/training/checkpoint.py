@@ -37,12 +37,13 @@ from megalite.atomic import atomic_write, atomic_write_text
 from megalite.config import Config, ConfigError, ModelConfig
 from megalite.parallel.state import ParallelState
 from megalite.training.checkpoint_reshard import (
+    OPTIM_KEYS,
     ShardReader,
+    load_key,
     load_optim_state,
     load_weight,
     merge_index,
     rank_payload,
-    storage_key,
 )
 
 LATEST = "latest"
@@ -249,8 +250,7 @@ def load_checkpoint(path: str | Path, chunks, optimizer, ps: ParallelState, cfg:
     reader = ShardReader(step_dir)
     for c in chunks:
         for name, p in c.named_parameters():
-            key = storage_key(name, p, ps) or getattr(p, "tied_to", None) or name
-            p.copy_(load_weight(reader, meta, key, p, ps).to(p.dtype))
+            p.copy_(load_weight(reader, meta, load_key(name, p, ps), p, ps).to(p.dtype))
     same_layout = {k: v for k, v in meta["layout"].items() if k != "distributed_optimizer"} == {
         k: v for k, v in _layout(ps, optimizer).items() if k != "distributed_optimizer"}
     if hasattr(optimizer, "pieces"):
@@ -276,8 +276,8 @@ def _load_buffer_optimizer(reader: ShardReader, meta: dict, optimizer, ps: Paral
         by_param.setdefault(id(pc.slot.param), []).append(pc)
     for pcs in by_param.values():
         p, name = pcs[0].slot.param, pcs[0].name
-        key = storage_key(name, p, ps) or getattr(p, "tied_to", None) or name
-        for state_name in ("exp_avg", "exp_avg_sq", "master"):
+        key = load_key(name, p, ps)
+        for state_name in OPTIM_KEYS:
             flat = load_optim_state(reader, meta, key, p, ps, state_name)
             if flat is None:
                 continue

@@ -23,7 +23,7 @@ from megalite.training.checkpoint import (
     read_metadata,
     resolve_checkpoint,
 )
-from megalite.training.checkpoint_reshard import ShardReader, assemble_global, shard_from_json
+from megalite.training.checkpoint_reshard import ShardReader, global_weight
 
 
 def load_global_weights(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -33,19 +33,7 @@ def load_global_weights(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]
         raise ConfigError(f"no checkpoint found at {path}")
     meta = read_metadata(step_dir)
     reader = ShardReader(step_dir)
-    tp = int(meta["layout"]["tp"])
-    out = {}
-    for name, e in meta["params"].items():
-        shard = shard_from_json(e["tp_shard"])
-        ranks = range(tp) if shard is not None else range(1)
-        locals_ = []
-        for t in ranks:
-            fname = e["weights"].get(str(t))
-            tensor = reader.get(fname)["model"].get(name) if fname else None
-            if tensor is None:
-                raise ConfigError(f"{step_dir}: no weights of '{name}' for TP rank {t}")
-            locals_.append(tensor)
-        out[name] = assemble_global(locals_, shard).clone()
+    out = {name: global_weight(reader, meta, name).clone() for name in meta["params"]}
     return meta, out
 
 

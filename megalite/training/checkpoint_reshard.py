@@ -30,6 +30,11 @@ def storage_key(name: str, p: nn.Parameter, ps: ParallelState) -> str | None:
     return None if tied and ps.pp > 1 else name
 
 
+def load_key(name: str, p: nn.Parameter, ps: ParallelState) -> str:
+    """The stored name a parameter loads from: its own, or for a tied head the embedding's."""
+    return storage_key(name, p, ps) or p.tied_to  # type: ignore[attr-defined]
+
+
 def global_shape(p: torch.Tensor) -> list[int]:
     shape, shard = list(p.shape), get_tp_shard(p)
     if shard is not None:
@@ -142,9 +147,12 @@ def _old_tp(meta: dict) -> int:
     return int(meta["layout"]["tp"])
 
 
-def load_weight(reader: ShardReader, meta: dict, key: str, p: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+def global_weight(reader: ShardReader, meta: dict, key: str) -> torch.Tensor:
+    """The global (TP=1) tensor of parameter `key`, reassembled from the saved TP ranks' shards."""
     where = str(reader.dir)
-    e = _entry(meta, key, p, where)
+    e = meta["params"].get(key)
+    if e is None:
+        raise ConfigError(f"{where}: parameter '{key}' is not in the checkpoint (incompatible model)")
     tp_old = _old_tp(meta) if e["tp_shard"] is not None else 1
     locals_ = []
     for t in range(tp_old):
@@ -155,7 +163,13 @@ def load_weight(reader: ShardReader, meta: dict, key: str, p: torch.Tensor, ps: 
         if tensor is None:
             raise ConfigError(f"{reader.dir / fname}: '{key}' is missing from the shard")
         locals_.append(tensor)
-    return local_for(assemble_global(locals_, shard_from_json(e["tp_shard"])), p, ps)
+    return assemble_global(locals_, shard_from_json(e["tp_shard"]))
+
+
+def load_weight(reader: ShardReader, meta: dict, key: str, p: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+    """This rank's slice of `key` for the local parameter `p` (its global shape checked first)."""
+    _entry(meta, key, p, str(reader.dir))
+    return local_for(global_weight(reader, meta, key), p, ps)
 
 
 def load_optim_state(reader: ShardReader, meta: dict, key: str, p: torch.Tensor, ps: ParallelState,
