@@ -116,6 +116,7 @@ class IndexedBuilder {
     if (!itemsize_) throw std::invalid_argument("unknown dtype code " + std::to_string(dtype_code));
     std::string tag = "." + std::to_string(::getpid()) + ".tmp";
     bin_tmp_ = bin_path + tag;
+    idx_tmp_ = idx_path + tag;
     sizes_tmp_ = idx_path + ".sizes" + tag;
     docs_tmp_ = idx_path + ".docs" + tag;
     bin_.reset(new File(bin_tmp_, "wb"));
@@ -216,9 +217,8 @@ class IndexedBuilder {
     sizes_file_->close();
     docs_file_->close();
 
-    std::string idx_tmp = idx_path_ + "." + std::to_string(::getpid()) + ".tmp";
     {
-      File out(idx_tmp, "wb");
+      File out(idx_tmp_, "wb");
       out.write(kMagic, 9);
       out.write(&kVersion, 8);
       uint8_t code = static_cast<uint8_t>(code_);
@@ -257,7 +257,7 @@ class IndexedBuilder {
     }
     if (std::rename(bin_tmp_.c_str(), bin_path_.c_str()) != 0)
       throw std::runtime_error(bin_path_ + ": rename failed (" + std::strerror(errno) + ")");
-    if (std::rename(idx_tmp.c_str(), idx_path_.c_str()) != 0)
+    if (std::rename(idx_tmp_.c_str(), idx_path_.c_str()) != 0)
       throw std::runtime_error(idx_path_ + ": rename failed (" + std::strerror(errno) + ")");
     std::remove(sizes_tmp_.c_str());
     std::remove(docs_tmp_.c_str());
@@ -265,7 +265,7 @@ class IndexedBuilder {
     return {num_documents_, num_tokens_};
   }
 
-  // Drops the partial output (used when preprocessing fails half-way).
+  // Drops the partial output (used when preprocessing or finalize fails half-way).
   void abort_quietly() {
     try {
       if (bin_) bin_->close();
@@ -274,6 +274,7 @@ class IndexedBuilder {
     } catch (...) {
     }
     std::remove(bin_tmp_.c_str());
+    std::remove(idx_tmp_.c_str());  // present when finalize failed while writing the .idx
     std::remove(sizes_tmp_.c_str());
     std::remove(docs_tmp_.c_str());
     finalized_ = true;
@@ -317,7 +318,7 @@ class IndexedBuilder {
   }
 
   // last_doc_: the latest document boundary, kept apart from docs_ because docs_ is spilled.
-  std::string bin_path_, idx_path_, bin_tmp_, sizes_tmp_, docs_tmp_;
+  std::string bin_path_, idx_path_, bin_tmp_, idx_tmp_, sizes_tmp_, docs_tmp_;
   int code_;
   size_t itemsize_;
   std::unique_ptr<File> bin_, sizes_file_, docs_file_;

@@ -242,10 +242,13 @@ class IndexedDatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            if self.result is None:
+        if exc_type is None and self.result is None:
+            try:
                 self.finalize()
-        else:
+            except BaseException:
+                self.abort()
+                raise
+        elif exc_type is not None:
             self.abort()
 
 

@@ -70,6 +70,22 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("via", ["abort", "context"])
+def test_finalize_failing_partway_leaves_nothing(tmp_path, via):
+    """The .idx temp file exists once finalize has begun writing it; a failure after that removes it too."""
+    w = IndexedDatasetWriter(tmp_path / "x", vocab_size=100)
+    w.add_document([1, 2, 3])
+    next(tmp_path.glob("x.idx.sizes.*.tmp")).unlink()  # finalize fails reading it back, mid-.idx
+    if via == "abort":
+        with pytest.raises(RuntimeError, match="cannot open"):
+            w.finalize()
+        w.abort()
+    else:
+        with pytest.raises(RuntimeError, match="cannot open"), w:
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_token_out_of_range_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="does not fit"), IndexedDatasetWriter(tmp_path / "x", vocab_size=100) as w:
         w.add_document([70000])
