@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from megalite.config import Config, ConfigError, ModelConfig
+from megalite.training.checkpoint import replace_path
 from megalite.training.checkpoint_global import load_global_weights, save_global_weights
 from megalite.training.convert_hf import (
     hf_config_from_model,
@@ -85,15 +86,7 @@ def write_atomically(output: Path, overwrite: bool, fill: Callable[[Path], str])
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output should get the usual mode
     try:
         summary = fill(tmp)
-        old = None
-        if output.exists():  # moved aside, not deleted, until the new output is in place
-            old = output.parent / f"{tmp.name}.old"
-            os.replace(output, old)
-        os.replace(tmp, output)
-        if old is not None and old.is_dir():
-            shutil.rmtree(old)
-        elif old is not None:
-            old.unlink()
+        replace_path(tmp, output)  # an existing output is moved aside, not deleted, until this one is in place
         return summary
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -127,24 +127,51 @@ def wait_for_pending_save() -> None:
         _pending = None
 
 
-def _commit(root: Path, tmp: Path, final: Path, meta: dict, world: int, wait_files: bool,
-            ck_keep_last: int, ck_keep_pow2: bool) -> None:
-    """Rank 0: metadata last, then the rename that makes the checkpoint exist, then `latest`."""
-    if wait_files:  # async: the other ranks' files appear (atomically) when their writes finish
-        deadline = time.time() + _COMMIT_TIMEOUT_S
-        while not all((tmp / _rank_file(r)).is_file() for r in range(world)):
-            if time.time() > deadline:
-                print(f"checkpoint: gave up waiting for rank files in {tmp}; not committed", flush=True)
-                return
-            time.sleep(0.05)
+def step_dirs(root: Path, step: int) -> tuple[Path, Path]:
+    """(the step directory, the temp directory a save fills before renaming it into place)."""
+    name = f"step_{step:08d}"
+    return root / name, root / f".tmp_{name}"
+
+
+def replace_path(src: Path, dst: Path) -> None:
+    """Renames `src` to `dst`. An existing `dst` is first renamed aside (to `<src>.old`, beside `src`)
+    and deleted only after `src` took its place: its content is never deleted before the new one is
+    there, and the window in which `dst` does not exist is two renames, not a recursive delete."""
+    old = None
+    if dst.exists() or dst.is_symlink():
+        old = src.with_name(f"{src.name}.old")
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)  # left by a crash between the two renames
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+
+
+def _wait_for_rank_files(tmp: Path, world: int) -> bool:
+    """Async saves on rank 0: the other ranks' files appear (atomically) when their writes finish."""
+    deadline = time.time() + _COMMIT_TIMEOUT_S
+    while not all((tmp / _rank_file(r)).is_file() for r in range(world)):
+        if time.time() > deadline:
+            print(f"checkpoint: gave up waiting for rank files in {tmp}; not committed", flush=True)
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _commit(root: Path, tmp: Path, final: Path, meta: dict, retention: tuple[int, bool] | None = None) -> None:
+    """Rank 0: metadata last, then the rename that makes the checkpoint exist, then `latest`, then
+    (given `retention` = (keep_last, keep_pow2)) the deletion of checkpoints outside the policy."""
     if _before_commit is not None:
         _before_commit(tmp)
     atomic_write_text(tmp / METADATA, json.dumps(meta, indent=1, default=str))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_path(tmp, final)
     atomic_write_text(root / LATEST, final.name)
-    apply_retention(root, ck_keep_last, ck_keep_pow2, protect=final.name)
+    if retention is not None:
+        apply_retention(root, *retention, protect=final.name)
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, chunks, optimizer, ps: ParallelState, cfg: Config,
@@ -153,10 +180,10 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, chunks, optimizer, ps: Para
     global _pending
     wait_for_pending_save()
     root = Path(ckpt_dir)
-    final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
+    final, tmp = step_dirs(root, step)
     if ps.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp_step_*"):  # left by a crashed save
+        for stale in root.glob(".tmp_step_*"):  # left by a crashed save (incl. a `.old` moved aside)
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     payload, index = rank_payload(chunks, optimizer, ps)
@@ -180,11 +207,12 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, chunks, optimizer, ps: Para
         atomic_write(tmp / _rank_file(ps.rank), lambda p: torch.save(payload, p))
 
     ck = cfg.checkpoint
+    retention = (ck.keep_last, ck.keep_pow2)
     if ck.async_save:
         def background() -> None:
             write()
-            if ps.rank == 0:
-                _commit(root, tmp, final, meta, ps.world_size, True, ck.keep_last, ck.keep_pow2)
+            if ps.rank == 0 and _wait_for_rank_files(tmp, ps.world_size):
+                _commit(root, tmp, final, meta, retention)
 
         _pending = threading.Thread(target=background, name=f"ckpt-save-{step}", daemon=False)
         _pending.start()
@@ -192,7 +220,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, chunks, optimizer, ps: Para
     write()
     _barrier(ps)
     if ps.rank == 0:
-        _commit(root, tmp, final, meta, ps.world_size, False, ck.keep_last, ck.keep_pow2)
+        _commit(root, tmp, final, meta, retention)
     _barrier(ps)
     return final
 

@@ -8,20 +8,20 @@ it through `checkpoint.load_checkpoint`, and Adam starts fresh.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from megalite.atomic import atomic_write, atomic_write_text
+from megalite.atomic import atomic_write
 from megalite.config import Config, ConfigError
 from megalite.training.checkpoint import (
     FORMAT,
-    LATEST,
-    METADATA,
+    _commit,
+    _rank_file,
     read_metadata,
     resolve_checkpoint,
+    step_dirs,
 )
 from megalite.training.checkpoint_reshard import ShardReader, global_weight
 
@@ -41,11 +41,11 @@ def save_global_weights(ckpt_dir: str | Path, step: int, weights: dict[str, torc
                         extra: dict | None = None) -> Path:
     """Writes a single-process, weights-only checkpoint of global tensors (atomic, like a save)."""
     root = Path(ckpt_dir)
-    final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
+    final, tmp = step_dirs(root, step)
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    fname = "rank_00000.pt"
+    fname = _rank_file(0)
     payload = {"model": {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, "optim": {}}
     atomic_write(tmp / fname, lambda p: torch.save(payload, p))
     params = {k: {"shape": list(v.shape), "dtype": str(v.dtype), "tp_shard": None, "local_shape": list(v.shape),
@@ -56,9 +56,5 @@ def save_global_weights(ckpt_dir: str | Path, step: int, weights: dict[str, torc
             "optimizer": {"steps": None, "reshardable": True, "weights_only": True},
             "ranks": [{"file": fname, "tp_rank": 0, "pp_rank": 0, "dp_rank": 0}], "params": params,
             "config": cfg.to_dict()}
-    atomic_write_text(tmp / METADATA, json.dumps(meta, indent=1, default=str))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    atomic_write_text(root / LATEST, final.name)
+    _commit(root, tmp, final, meta)  # no retention: the checkpoint root may hold a run's others
     return final

@@ -185,6 +185,7 @@ class Trainer:
         guard = PreemptionGuard()
         history: list[dict] = []
         tokens_per_step = t.global_batch_size * t.seq_len
+        start_step = self.state.step
         try:
             while self.state.step < t.train_steps:
                 start = time.time()
@@ -219,7 +220,9 @@ class Trainer:
                               f"({'preemption signal' if guard.requested else 'exit_interval'})", flush=True)
                     break
             else:
-                if ck.save_on_exit and not (ck.save_interval and self.state.step % ck.save_interval == 0):
+                # Only if this run trained: a finished run launched again must not rewrite its checkpoint.
+                ran = self.state.step > start_step
+                if ck.save_on_exit and ran and not (ck.save_interval and self.state.step % ck.save_interval == 0):
                     self.save()
         finally:
             wait_for_pending_save()  # an async save must be committed before the run returns

@@ -124,6 +124,27 @@ def test_killed_mid_save_leaves_previous_checkpoint_loadable(tmp_path):
     assert not (tmp_path / ".tmp_step_00000003").exists()
 
 
+def test_resaving_a_step_never_deletes_the_checkpoint_latest_names(tmp_path, monkeypatch):
+    cfg, m, opt = _tiny()
+    ckpt.save_checkpoint(tmp_path, 3, [m], opt, ParallelState(), cfg, {"consumed_samples": 3})
+    _train(m, opt, 1)
+    real_rmtree = ckpt.shutil.rmtree
+    deleted = []
+
+    def checked_rmtree(path, *args, **kwargs):  # after any delete, `latest` must name a complete checkpoint
+        real_rmtree(path, *args, **kwargs)
+        deleted.append(Path(path).name)
+        assert ckpt.resolve_checkpoint(tmp_path) is not None
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", checked_rmtree)
+    ckpt.save_checkpoint(tmp_path, 3, [m], opt, ParallelState(), cfg, {"consumed_samples": 4})
+    assert deleted == [".tmp_step_00000003.old"]  # the replaced directory, moved aside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000003"]
+    loaded = _tiny()
+    assert ckpt.load_checkpoint(tmp_path, [loaded[1]], loaded[2], ParallelState(), loaded[0])["consumed_samples"] == 4
+    _same_state((cfg, m, opt), loaded)
+
+
 def test_async_save_commits_the_snapshot_taken_at_call_time(tmp_path):
     cfg, m, opt = _tiny(async_save=True)
     _train(m, opt)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from megalite.testing import run_distributed
+from megalite.training import trainer as trainer_mod
 from megalite.training.trainer import Trainer
 from tests.training.common import tiny_config
 
@@ -41,6 +42,16 @@ def test_resume_is_exact(tmp_path):
     resumed = Trainer(tiny_config(str(tmp_path / "b"), "train.train_steps=10", "checkpoint.load=auto")).train()
     assert [r["step"] for r in resumed] == list(range(6, 11))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[5:]]  # bit-identical on CPU
+
+
+def test_relaunching_a_finished_run_does_not_save_again(tmp_path, monkeypatch):
+    cfg = ("train.train_steps=2", "checkpoint.save_on_exit=true", "checkpoint.load=auto")
+    Trainer(tiny_config(str(tmp_path), *cfg)).train()
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002"
+    saves = []
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", lambda *a, **k: saves.append(a[1]))
+    assert Trainer(tiny_config(str(tmp_path), *cfg)).train() == []  # resumed at the last step
+    assert saves == []
 
 
 def test_metrics_jsonl_has_contract_fields(tmp_path):
