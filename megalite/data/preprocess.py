@@ -135,6 +135,15 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str, t
         base = _output_prefix(output_prefix, key)
         return base if partitions == 1 else f"{base}.part{part:04d}-of-{partitions:04d}"
 
+    def remove_parts(which: Sequence[str]) -> None:
+        """Deletes every partial shard of these keys, finished or not (their writers' temp files are
+        their abort's business)."""
+        if partitions > 1:
+            for k in which:
+                for p in range(partitions):
+                    for ext in (".bin", ".idx"):
+                        Path(part_prefix(k, p) + ext).unlink(missing_ok=True)
+
     bar = None
     if progress:
         from tqdm import tqdm
@@ -180,19 +189,20 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str, t
     except BaseException:
         for w in writers.values():
             w.abort()
+        remove_parts(keys)  # the partitions finished before the failure
         raise
     finally:
         if bar is not None:
             bar.close()
 
-    for k in keys:
-        final = _output_prefix(output_prefix, k)
-        if partitions > 1:
-            parts = [part_prefix(k, p) for p in done_parts]
-            merge_shards(parts, final)
-            for p in parts:
-                for ext in (".bin", ".idx"):
-                    Path(p + ext).unlink(missing_ok=True)
-        stats.outputs.append(final)
+    try:
+        for k in keys:
+            final = _output_prefix(output_prefix, k)
+            if partitions > 1:
+                merge_shards([part_prefix(k, p) for p in done_parts], final)
+                remove_parts([k])
+            stats.outputs.append(final)
+    finally:
+        remove_parts(keys)  # after a failed merge too
     stats.seconds = time.perf_counter() - t0
     return stats

@@ -67,6 +67,28 @@ def test_partitions_and_workers_equal_single_pass(tmp_path, jsonl):
     assert sorted(p.name for p in tmp_path.glob("parts*")) == ["parts_text_document.bin", "parts_text_document.idx"]
 
 
+def test_partitions_leave_no_parts_on_failure(tmp_path, jsonl, monkeypatch):
+    import megalite.data.preprocess as pp
+
+    bad = tmp_path / "bad.jsonl"
+    lines = jsonl.read_text().splitlines()
+    lines[380] = "{not json"  # in the last partition: the first two are finished by then
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(MalformedInput, match=r"bad\.jsonl:381: invalid JSON"):
+        preprocess([str(bad)], str(tmp_path / "s"), "byte", workers=0, partitions=3, strict=True, progress=False,
+                   chunk_bytes=2048)
+    assert not list(tmp_path.glob("s_*"))
+
+    def failing_merge(parts, final):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pp, "merge_shards", failing_merge)
+    with pytest.raises(OSError, match="disk full"):
+        preprocess([str(jsonl)], str(tmp_path / "m"), "byte", workers=0, partitions=3, progress=False,
+                   chunk_bytes=2048)
+    assert not list(tmp_path.glob("m_*"))
+
+
 def test_malformed_lines_counted_or_fatal(tmp_path, jsonl):
     bad = tmp_path / "bad.jsonl"
     lines = jsonl.read_text().splitlines()
