@@ -41,17 +41,12 @@ sys.path.insert(0, str(ROOT))
 # Measured tasks; each runs in a fresh process (`--task NAME --spec JSON`) and prints one JSON line.
 
 
-def _hwm_kib() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
-
-
-def _rss_kib() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
+def _status_kib(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in KiB; 0 where there is none."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
     return 0
 
 
@@ -109,14 +104,14 @@ def task_index(spec: dict) -> dict:
 
     # Peak memory from the first run; time as the best of several (the machine is shared).
     _reset_peak()
-    base = _rss_kib()
+    base = _status_kib("VmRSS")
     times = []
     for _ in range(int(spec.get("repeat", 5))):
         t = time.perf_counter()
         out = build()
         times.append(time.perf_counter() - t)
         if len(times) == 1:
-            peak = (_hwm_kib() - base) / 1024
+            peak = (_status_kib("VmHWM") - base) / 1024
     dt = min(times)
     digest = int(np.asarray(out, dtype=np.int64).sum()) if what == "sample_idx" else None
     return {"seconds": dt, "peak_mib": peak, "samples": len(out) - 1, "tokens": tpe,

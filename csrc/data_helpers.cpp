@@ -79,7 +79,7 @@ struct IndexView {
 
 // ---------------------------------------------------------------------------------------------
 // Document order: each epoch is its own permutation of the split's documents, so every epoch
-// shows every document exactly once; `separate_last` is accepted for symmetry and does the same.
+// shows every document exactly once.
 
 template <typename T>
 py::array document_index_impl(const IndexView& docs, int64_t num_epochs, uint64_t seed) {

@@ -163,7 +163,8 @@ class IndexedDataset(Sequence):
         return self.tokens[self._start(a) : self._start(b - 1) + int(self.sizes[b - 1])]
 
     def document_sizes(self) -> np.ndarray:
-        """Tokens per document (int32), the unit the GPT dataset packs and splits by."""
+        """Tokens per document (int32): the sizes of each document's sequences, summed. (The GPT
+        dataset splits by document but packs sequences; it reads `sizes`, not this.)"""
         if len(self.doc_idx) - 1 == len(self.sizes):
             return np.asarray(self.sizes)
         csum = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])

@@ -107,12 +107,13 @@ def _parquet_chunks(path: str, keys: Sequence[str], done_before: int, total: int
     if missing:
         raise ValueError(f"{path}: no column {missing[0]!r} (columns: {', '.join(pf.schema_arrow.names)})")
     rows = pf.metadata.num_rows or 1
+    size = os.path.getsize(path)
     row = 1
     for batch in pf.iter_batches(batch_size=batch_rows, columns=list(keys)):
         n = batch.num_rows
         recs = {k: batch.column(k).to_pylist() for k in keys}
         frac = (row - 1 + n) / rows
-        yield Chunk(path, row, (done_before + frac * os.path.getsize(path)) / total if total else 1.0, records=recs)
+        yield Chunk(path, row, (done_before + frac * size) / total if total else 1.0, records=recs)
         row += n
 
 
