@@ -12,9 +12,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+
+_T = TypeVar("_T")
 
 
 class ConfigError(ValueError):
@@ -227,6 +229,16 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
             _apply(current, value, f"{path}.", source)
         else:
             setattr(obj, key, _coerce(value, hints[key], f"'{path}' in {source}"))
+
+
+def section_from_dict(cls: type[_T], data: dict[str, Any], prefix: str, source: str) -> _T:
+    """A config section (e.g. ModelConfig) from a mapping such as a checkpoint's saved config: keys
+    it does not know are ignored, every value is checked against its annotation as in a YAML file
+    (ConfigError naming `<prefix><key>` and `source` otherwise)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    obj = cls()
+    _apply(obj, {k: v for k, v in data.items() if k in names}, prefix, source)
+    return obj
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -13,7 +13,6 @@ The output appears atomically: everything is written into a temp dir that is the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -24,8 +23,8 @@ import _common
 import torch
 import yaml
 
-from megalite.config import Config, ConfigError, ModelConfig
-from megalite.training.checkpoint import replace_path
+from megalite.config import Config, ConfigError
+from megalite.training.checkpoint import replace_path, saved_model_config
 from megalite.training.checkpoint_global import load_global_weights, save_global_weights
 from megalite.training.convert_hf import (
     hf_config_from_model,
@@ -54,21 +53,10 @@ def hf_to_megalite_dir(src: Path, dst: Path, dtype: str) -> str:
     return f"{len(weights)} tensors -> {step_dir.name}, {MODEL_YAML}"
 
 
-def _saved_model_config(meta: dict, where: str) -> ModelConfig:
-    saved = meta.get("config", {}).get("model")
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{where}: no model config in the checkpoint metadata")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    try:
-        return ModelConfig(**{k: v for k, v in saved.items() if k in known})
-    except TypeError as e:
-        raise ConfigError(f"{where}: bad model config in the checkpoint metadata ({e})") from None
-
-
 def megalite_to_hf_dir(src: Path, dst: Path, dtype: str, max_shard_bytes: int) -> str:
     meta, weights = load_global_weights(src)
     where = f"{src} (step {meta.get('step')})"
-    model = _saved_model_config(meta, where)
+    model = saved_model_config(meta, where)
     hf = megalite_to_hf(_cast(weights, dtype), model, where)
     config = hf_config_from_model(model, hf["model.embed_tokens.weight"].dtype, where)
     files = write_hf_dir(dst, config, hf, max_shard_bytes)

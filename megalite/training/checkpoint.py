@@ -18,7 +18,6 @@ thread. The next save (or `wait_for_pending_save`) joins it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -34,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.atomic import atomic_write, atomic_write_text
-from megalite.config import Config, ConfigError, ModelConfig
+from megalite.config import Config, ConfigError, ModelConfig, section_from_dict
 from megalite.parallel.state import ParallelState
 from megalite.training.checkpoint_reshard import (
     OPTIM_KEYS,
@@ -254,11 +253,19 @@ def read_metadata(step_dir: Path) -> dict:
     return meta
 
 
+def saved_model_config(meta: dict, where: str) -> ModelConfig:
+    """The checkpoint's `model` section, each field type-checked: a malformed one is a one-line
+    ConfigError, not a traceback later."""
+    config = meta.get("config")
+    saved = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{where}: no model config in the checkpoint metadata")
+    return section_from_dict(ModelConfig, saved, "model.", where)
+
+
 def _check_model(meta: dict, cfg: Config, path: Path) -> None:
     """Architecture fields must agree (derived ones compared, e.g. the effective FFN size)."""
-    saved_dict = meta.get("config", {}).get("model", {})
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    saved = ModelConfig(**{k: v for k, v in saved_dict.items() if k in known})
+    saved = saved_model_config(meta, str(path / METADATA))
     for f in MODEL_FIELDS:
         if getattr(saved, f) != getattr(cfg.model, f):
             raise ConfigError(f"{path / METADATA}: model.{f} is {getattr(saved, f)!r} in the checkpoint but "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -177,6 +178,21 @@ def test_bad_checkpoints_fail_with_one_line_naming_the_file(tmp_path):
     (step_dir / "meta.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"meta\.json: unreadable checkpoint metadata"):
         ckpt.load_checkpoint(step_dir, [m], opt, ParallelState(), cfg)
+
+
+def test_malformed_saved_model_config_fails_with_one_line(tmp_path):
+    cfg, m, opt = _tiny()
+    step_dir = ckpt.save_checkpoint(tmp_path, 1, [m], opt, ParallelState(), cfg, {"consumed_samples": 1})
+    meta = json.loads((step_dir / "meta.json").read_text())
+    # A string where an int belongs (the effective FFN size used to raise TypeError computing it).
+    meta["config"]["model"].update(ffn_hidden_size=None, ffn_multiple_of="64")
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"'model.ffn_multiple_of' in .*meta\.json: expected an integer, got '64'"):
+        ckpt.load_checkpoint(tmp_path, [m], opt, ParallelState(), cfg)
+    meta["config"]["model"] = ["not", "a", "mapping"]
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"meta\.json: no model config in the checkpoint metadata"):
+        ckpt.load_checkpoint(tmp_path, [m], opt, ParallelState(), cfg)
 
 
 def test_global_weights_round_trip_as_a_weights_only_checkpoint(tmp_path):
