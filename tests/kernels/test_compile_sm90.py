@@ -18,7 +18,7 @@ def _ptxas_available() -> bool:
         from triton.backends.nvidia.compiler import get_ptxas
 
         return os.path.exists(get_ptxas(90).path)
-    except Exception:
+    except ImportError:  # a Triton without the NVIDIA backend
         return False
 
 

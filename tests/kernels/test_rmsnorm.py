@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -57,7 +59,8 @@ def block_path(request, monkeypatch):
     ((3, 20011), torch.bfloat16, False),
 ])
 def test_rms_norm_matches_float64(shape, dtype, residual, block_path):
-    g = torch.Generator().manual_seed(hash((shape, str(dtype), residual)) % 2**31)
+    # crc32, not hash(): str hashes change per process, and a failure must be reproducible.
+    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, residual)).encode()))
     h = shape[-1]
     mk = lambda *s: torch.randn(*s, generator=g).to(DEVICE)
     x = (mk(*shape) * 3 + 1).to(dtype)

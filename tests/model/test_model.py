@@ -26,7 +26,8 @@ def _model(cfg: ModelConfig = CFG) -> LlamaModel:
 
 def test_packed_documents_equal_separate_documents():
     eod = 299
-    a, b = torch.randint(0, 298, (1, 7)), torch.randint(0, 298, (1, 9))
+    g = torch.Generator().manual_seed(11)
+    a, b = torch.randint(0, 298, (1, 7), generator=g), torch.randint(0, 298, (1, 9), generator=g)
     window = torch.cat([a, torch.tensor([[eod]]), b, torch.tensor([[5]])], dim=1)  # 18 = seq 17 + 1
     packed = make_micro_batch(window, eod, reset_at_eod=True, eod_mask_loss=False, device=torch.device("cpu"))
     assert packed["position_ids"][0].tolist() == list(range(8)) + list(range(9))
@@ -41,10 +42,18 @@ def test_packed_documents_equal_separate_documents():
 
 def test_without_reset_documents_attend_across_eod():
     eod = 299
-    window = torch.cat([torch.randint(0, 298, (1, 6)), torch.tensor([[eod]]), torch.randint(0, 298, (1, 6))], 1)
+    g = torch.Generator().manual_seed(12)
+    first, second = torch.randint(0, 298, (1, 6), generator=g), torch.randint(0, 298, (1, 6), generator=g)
+    window = torch.cat([first, torch.tensor([[eod]]), second], 1)
     mb = make_micro_batch(window, eod, reset_at_eod=False, eod_mask_loss=True, device=torch.device("cpu"))
     assert mb["doc_ids"] is None and mb["position_ids"] is None
     assert mb["labels"][0, 6] == -100  # the label after EOD is masked with eod_mask_loss
+    m = _model()
+    with torch.no_grad():
+        packed = m(mb["tokens"], labels=mb["labels"])
+        alone = m(window[:, 7:-1], labels=window[:, 8:])
+    # The second document's tokens see the first: their losses differ from running it alone.
+    assert not torch.allclose(packed[:, 7:], alone, atol=1e-4)
 
 
 def test_param_count_matches_module():
