@@ -62,6 +62,17 @@ def _norm_ranges(p: nn.Parameter, ps: ParallelState) -> list[tuple[int, int]]:
     return [(0, n)]
 
 
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, with touching ranges joined: [(0, 4), (4, 6), (8, 9)] -> [(0, 6), (8, 9)]."""
+    out: list[tuple[int, int]] = []
+    for a, z in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], z))
+        else:
+            out.append((a, z))
+    return out
+
+
 class BufferOptimizer:
     """Replicated AdamW; the interface (zero_grad, step(lr) -> grad norm, state_dict) is the
     training loop's, plus `no_sync` / `finish_grad_sync` for the schedules."""
@@ -89,16 +100,20 @@ class BufferOptimizer:
         self.master = [self.ddp.param_data[lo:hi].float() for lo, hi in self.owned] if self.separate_master \
             else [self.ddp.param_data[lo:hi] for lo, hi in self.owned]
         self.steps = 0
-        # Per owned range: the sub-ranges that get weight decay, and those counted in the norm.
-        self._decay: list[list[tuple[int, int]]] = [[] for _ in self.owned]
-        self._norm: list[list[tuple[int, int]]] = [[] for _ in self.owned]
+        # The sub-ranges of each owned range that get weight decay, and the grad-buffer ranges
+        # counted in the norm, both merged where contiguous: a few long runs instead of one per
+        # parameter (or two or three per parameter for the norm), so a step launches few kernels.
+        decay: list[list[tuple[int, int]]] = [[] for _ in self.owned]
+        norm: list[tuple[int, int]] = []
         for pc in self.pieces:
             if pc.slot.param.dim() >= 2:
-                self._decay[pc.owned].append((pc.at, pc.at + pc.hi - pc.lo))
+                decay[pc.owned].append((pc.at, pc.at + pc.hi - pc.lo))
             for a, z in _norm_ranges(pc.slot.param, ps):
                 a, z = max(a, pc.lo), min(z, pc.hi)
                 if a < z:
-                    self._norm[pc.owned].append((pc.at + a - pc.lo, pc.at + z - pc.lo))
+                    norm.append((pc.slot.start + a, pc.slot.start + z))
+        self._decay = [_merge(r) for r in decay]
+        self._norm = _merge(norm)
 
     # -- the training-loop interface ------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -108,10 +123,13 @@ class BufferOptimizer:
         return [self.ddp.grad_data[lo:hi] for lo, hi in self.owned]
 
     def grad_norm(self) -> float:
-        sq = torch.zeros((), dtype=torch.float64, device=self.ddp.grad_data.device)
-        for g, ranges in zip(self._grads(), self._norm, strict=True):
-            for a, z in ranges:
-                sq += g[a:z].double().pow(2).sum()
+        g = self.ddp.grad_data
+        sq = torch.zeros((), dtype=torch.float64, device=g.device)
+        if self._norm:
+            # One fp32 norm per merged range (a single multi-tensor kernel on GPU), squared and
+            # summed in fp64: no fp64 copy of the grads.
+            norms = torch._foreach_norm([g[a:z] for a, z in self._norm], dtype=torch.float32)
+            sq = torch.stack(norms).double().square().sum()
         # Replicated: every DP rank holds the same grads, sum over the model-parallel ranks only.
         group = None if self.sharded else self.ps.mp_group
         if self.ps.world_size > 1 and (self.sharded or self.ps.tp * self.ps.pp > 1):
@@ -129,18 +147,19 @@ class BufferOptimizer:
         if not math.isfinite(norm):
             return norm  # never write NaN/inf into the weights
         self.steps += 1
-        bc1, bc2_sqrt = 1 - o.beta1**self.steps, math.sqrt(1 - o.beta2**self.steps)
+        b1, b2 = o.beta1, o.beta2
+        bc1, bc2_sqrt = 1 - b1**self.steps, math.sqrt(1 - b2**self.steps)
+        if o.weight_decay:
+            decayed = [p[a:z] for p, ranges in zip(self.master, self._decay, strict=True) for a, z in ranges]
+            if decayed:
+                torch._foreach_mul_(decayed, 1 - lr * o.weight_decay)
         for k, g in enumerate(self._grads()):
             p, m, v = self.master[k], self.exp_avg[k], self.exp_avg_sq[k]
-            if clip != 1.0:
-                g = g * clip
-            g = g.float()
-            if o.weight_decay:
-                for a, z in self._decay[k]:
-                    p[a:z].mul_(1 - lr * o.weight_decay)
-            m.lerp_(g, 1 - o.beta1)
-            v.mul_(o.beta2).addcmul_(g, g, value=1 - o.beta2)
-            p.addcdiv_(m, (v.sqrt() / bc2_sqrt).add_(o.eps), value=-lr / bc1)
+            # The clip factor is folded into the moment updates (no clipped copy of g); a
+            # lower-precision g is promoted to fp32 inside the fp32 moment updates.
+            m.mul_(b1).add_(g, alpha=(1 - b1) * clip)
+            v.mul_(b2).addcmul_(g, g, value=(1 - b2) * clip * clip)
+            p.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(o.eps), value=-lr / bc1)
             if self.separate_master:
                 lo, hi = self.owned[k]
                 self.ddp.param_data[lo:hi].copy_(p)

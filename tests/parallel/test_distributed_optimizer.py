@@ -11,7 +11,7 @@ import torch
 from benchmarks import comm_volume
 from megalite.config import ModelConfig, OptimConfig, ParallelConfig
 from megalite.model import LlamaModel
-from megalite.parallel.distributed_optimizer import BufferOptimizer, DistributedOptimizer
+from megalite.parallel.distributed_optimizer import BufferOptimizer, DistributedOptimizer, _merge
 from megalite.parallel.finalize import finalize_grads
 from megalite.parallel.sharding import gather_full, get_tp_shard
 from megalite.parallel.state import ParallelState, build_parallel_state
@@ -77,6 +77,19 @@ def test_buffer_optimizer_matches_torch_adamw():
     assert norms[-1] == pytest.approx(float(norm), rel=1e-5)
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_norm_and_decay_ranges_are_merged():
+    """The grad norm and weight decay work on merged runs, not one slice per parameter."""
+    assert _merge([(8, 9), (4, 6), (0, 4), (6, 7)]) == [(0, 7), (8, 9)]
+    ps = ParallelState()
+    model = LlamaModel(CFG, ps)
+    opt = BufferOptimizer([model], OPT, ps)  # one bucket: the whole model
+    assert opt._norm == [(0, opt.ddp.num_params)]
+    n_matrices = sum(p.dim() >= 2 for p in model.parameters())
+    assert sum(len(r) for r in opt._decay) < n_matrices
+    covered = sum(z - a for r in opt._decay for a, z in r)
+    assert covered == sum(p.numel() for p in model.parameters() if p.dim() >= 2)
 
 
 def _comm_args(tp: int, sp: bool) -> argparse.Namespace:
