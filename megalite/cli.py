@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", "-c", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_intermixed_args(argv)
-    from megalite.config import ConfigError
+    from megalite.config import ConfigError, RunError
 
     try:
         _run(args.stage, args.config, args.overrides)
@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank == "0" or os.environ.get("WORLD_SIZE", "1") == "1":
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except FileNotFoundError as e:
         print(f"error: file not found: {e.filename or e}", file=sys.stderr)
         return 2

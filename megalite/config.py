@@ -23,6 +23,11 @@ class ConfigError(ValueError):
     """A user-facing configuration problem; the CLI prints it as one line, without a traceback."""
 
 
+class RunError(RuntimeError):
+    """A run failed for a reason outside megalite's code (e.g. a checkpoint could not be written);
+    the CLI prints it as one line, without a traceback, and exits with 1."""
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 32000  # 0: take the tokenizer's

@@ -76,3 +76,16 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
     step = int(latest.split("_")[1])
     assert step >= 2 and (tmp_path / "checkpoints" / latest / "meta.json").is_file()
+
+
+def test_a_run_failure_is_one_line_and_exit_code_1(monkeypatch, capsys):
+    from megalite import cli
+    from megalite.config import RunError
+
+    def fails(*args):
+        raise RunError("checkpoint of step 3 (ck/step_00000003) was not saved on rank 0: OSError: disk full")
+
+    monkeypatch.setattr(cli, "_run", fails)
+    assert cli.main(["pretrain"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: checkpoint of step 3 (ck/step_00000003) was not saved on rank 0: OSError: disk full\n"

@@ -13,7 +13,8 @@ next save. Retention keeps the last `keep_last` checkpoints plus every power-of-
 
 With `async_save`, tensors are copied to CPU at once and written by a background thread; rank 0's
 thread waits for all rank files to appear before committing, so no collective runs off the main
-thread. The next save (or `wait_for_pending_save`) joins it.
+thread. The next save (or `wait_for_pending_save`) joins it, and raises `CheckpointSaveError` if
+it failed (a write error, or rank 0 giving up on the other ranks' files).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.atomic import atomic_write, atomic_write_text
-from megalite.config import Config, ConfigError, ModelConfig, section_from_dict
+from megalite.config import Config, ConfigError, ModelConfig, RunError, section_from_dict
 from megalite.parallel.state import ParallelState
 from megalite.training.checkpoint_reshard import (
     OPTIM_KEYS,
@@ -54,7 +55,12 @@ MODEL_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "kv_head
 # Tests set this to interrupt a save between the rank files and the commit.
 _before_commit: Callable[[Path], None] | None = None
 _pending: threading.Thread | None = None
+_pending_error: str | None = None  # set by a failed async save, raised on the main thread
 _COMMIT_TIMEOUT_S = 3600.0
+
+
+class CheckpointSaveError(RunError):
+    """An async save failed in its background thread; raised by the next save or `wait_for_pending_save`."""
 
 
 def _barrier(ps: ParallelState) -> None:
@@ -119,11 +125,15 @@ def apply_retention(root: Path, keep_last: int, keep_pow2: bool, protect: str) -
 
 
 def wait_for_pending_save() -> None:
-    """Blocks until a previous async save of this rank (and, on rank 0, its commit) finished."""
-    global _pending
+    """Blocks until a previous async save of this rank (and, on rank 0, its commit) finished;
+    raises CheckpointSaveError (once) if it failed."""
+    global _pending, _pending_error
     if _pending is not None:
         _pending.join()
         _pending = None
+    if _pending_error is not None:
+        error, _pending_error = _pending_error, None
+        raise CheckpointSaveError(error)
 
 
 def step_dirs(root: Path, step: int) -> tuple[Path, Path]:
@@ -150,15 +160,14 @@ def replace_path(src: Path, dst: Path) -> None:
             old.unlink()
 
 
-def _wait_for_rank_files(tmp: Path, world: int) -> bool:
+def _wait_for_rank_files(tmp: Path, world: int) -> None:
     """Async saves on rank 0: the other ranks' files appear (atomically) when their writes finish."""
     deadline = time.time() + _COMMIT_TIMEOUT_S
-    while not all((tmp / _rank_file(r)).is_file() for r in range(world)):
+    while missing := [r for r in range(world) if not (tmp / _rank_file(r)).is_file()]:
         if time.time() > deadline:
-            print(f"checkpoint: gave up waiting for rank files in {tmp}; not committed", flush=True)
-            return False
+            raise CheckpointSaveError(f"gave up after {_COMMIT_TIMEOUT_S:.0f}s waiting for the files of "
+                                      f"ranks {missing} in {tmp}")
         time.sleep(0.05)
-    return True
 
 
 def _commit(root: Path, tmp: Path, final: Path, meta: dict, retention: tuple[int, bool] | None = None) -> None:
@@ -209,9 +218,15 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, chunks, optimizer, ps: Para
     retention = (ck.keep_last, ck.keep_pow2)
     if ck.async_save:
         def background() -> None:
-            write()
-            if ps.rank == 0 and _wait_for_rank_files(tmp, ps.world_size):
-                _commit(root, tmp, final, meta, retention)
+            global _pending_error
+            try:
+                write()
+                if ps.rank == 0:
+                    _wait_for_rank_files(tmp, ps.world_size)
+                    _commit(root, tmp, final, meta, retention)
+            except Exception as e:  # noqa: BLE001 - any failure is reported on the main thread
+                reason = str(e) if isinstance(e, CheckpointSaveError) else f"{type(e).__name__}: {e}"
+                _pending_error = f"checkpoint of step {step} ({final}) was not saved on rank {ps.rank}: {reason}"
 
         _pending = threading.Thread(target=background, name=f"ckpt-save-{step}", daemon=False)
         _pending.start()

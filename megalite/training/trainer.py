@@ -212,8 +212,8 @@ class Trainer:
                 stop = guard.should_stop(self.device) or bool(t.exit_interval and self.state.step % t.exit_interval == 0)
                 if stop or (ck.save_interval and self.state.step % ck.save_interval == 0):
                     path = self.save()
-                    if self.is_logger:
-                        print(f"saved checkpoint {path}", flush=True)
+                    if self.is_logger:  # an async save's failure is raised by the next save or at the end
+                        print(f"{'saving' if ck.async_save else 'saved'} checkpoint {path}", flush=True)
                 if stop:
                     if self.is_logger:
                         print(f"stopped cleanly after step {self.state.step} "
@@ -225,9 +225,11 @@ class Trainer:
                 if ck.save_on_exit and ran and not (ck.save_interval and self.state.step % ck.save_interval == 0):
                     self.save()
         finally:
-            wait_for_pending_save()  # an async save must be committed before the run returns
-            guard.restore()
-            self.metrics.close()
+            try:
+                wait_for_pending_save()  # an async save must be committed (or its failure raised) first
+            finally:
+                guard.restore()
+                self.metrics.close()
         return history
 
 

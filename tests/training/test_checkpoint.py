@@ -161,6 +161,24 @@ def test_async_save_commits_the_snapshot_taken_at_call_time(tmp_path):
     _same_state(snapshot, loaded)
 
 
+def _disk_full(path, write):
+    raise OSError(28, "No space left on device")
+
+
+def test_async_save_failures_are_raised_on_the_main_thread(tmp_path, monkeypatch):
+    cfg, m, opt = _tiny(async_save=True)
+    monkeypatch.setattr(ckpt, "atomic_write", _disk_full)
+    ckpt.save_checkpoint(tmp_path, 2, [m], opt, ParallelState(), cfg, {"consumed_samples": 2})  # returns at once
+    with pytest.raises(ckpt.CheckpointSaveError,
+                       match=r"checkpoint of step 2 \(.*step_00000002\) was not saved on rank 0: OSError: .*No space"):
+        ckpt.save_checkpoint(tmp_path, 3, [m], opt, ParallelState(), cfg, {"consumed_samples": 3})
+    ckpt.wait_for_pending_save()  # reported once
+    assert not (tmp_path / "latest").exists()
+    monkeypatch.setattr(ckpt, "_COMMIT_TIMEOUT_S", 0.0)  # rank 0's commit no longer waits silently forever
+    with pytest.raises(ckpt.CheckpointSaveError, match=r"waiting for the files of ranks \[0, 1\]"):
+        ckpt._wait_for_rank_files(tmp_path, 2)
+
+
 def test_bad_checkpoints_fail_with_one_line_naming_the_file(tmp_path):
     cfg, m, opt = _tiny()
     step_dir = ckpt.save_checkpoint(tmp_path, 1, [m], opt, ParallelState(), cfg, {"consumed_samples": 1})

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from megalite.testing import run_distributed
+from megalite.training import checkpoint as ckpt
 from megalite.training import trainer as trainer_mod
 from megalite.training.trainer import Trainer
 from tests.training.common import tiny_config
@@ -52,6 +53,17 @@ def test_relaunching_a_finished_run_does_not_save_again(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod, "save_checkpoint", lambda *a, **k: saves.append(a[1]))
     assert Trainer(tiny_config(str(tmp_path), *cfg)).train() == []  # resumed at the last step
     assert saves == []
+
+
+def test_a_failed_async_save_fails_the_run(tmp_path, monkeypatch):
+    def disk_full(path, write):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "atomic_write", disk_full)
+    trainer = Trainer(tiny_config(str(tmp_path), "train.train_steps=1", "checkpoint.save_on_exit=true",
+                                  "checkpoint.async_save=true"))
+    with pytest.raises(ckpt.CheckpointSaveError, match="step 1 .* was not saved on rank 0: OSError"):
+        trainer.train()
 
 
 def test_metrics_jsonl_has_contract_fields(tmp_path):
