@@ -93,6 +93,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.chunks, cfg, self.ps)
         self.forward_backward = get_forward_backward(self.ps, cfg.parallel)
         self.scaler = LossScaler(self.precision, t.loss_scale)
+        # What the scaler unscales and checks (nothing when it is off); parameters are never replaced.
+        self.scaled_params = [p for c in self.chunks for p in c.parameters()] if self.scaler.enabled else []
         self.state = TrainState()
         self.ckpt_dir = Path(cfg.checkpoint.dir or Path(t.run_dir) / "checkpoints")
         self.flops_per_token = flops_per_token(m, t.seq_len)
@@ -134,8 +136,7 @@ class Trainer:
                                              loss_scale=self.scaler.scale,
                                              no_sync=getattr(self.optimizer, "no_sync", None))
         finalize_grads(self.chunks, self.ps)
-        params = [p for c in self.chunks for p in c.parameters()]
-        if self.scaler.unscale_and_check(params, None if self.ps.world_size == 1 else dist.group.WORLD):
+        if self.scaler.unscale_and_check(self.scaled_params, None if self.ps.world_size == 1 else dist.group.WORLD):
             lr = lr_at(self.state.step, self.cfg.train.train_steps, self.cfg.optim)
             grad_norm = self.optimizer.step(lr)
         else:
@@ -171,11 +172,15 @@ class Trainer:
             return
         meta = load_checkpoint(path, self.chunks, self.optimizer, self.ps, self.cfg, self.rng)
         self.state = TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"])
+        if self.scaler.enabled and self.scaler.dynamic and "loss_scaler" in meta:
+            self.scaler.load_state_dict(meta["loss_scaler"])  # a static loss_scale keeps the configured value
         if self.is_logger:
             print(f"resumed from {resolve_checkpoint(path)} at step {self.state.step}", flush=True)
 
     def save(self) -> Path:
         extra = {"consumed_samples": self.state.consumed_samples}
+        if self.scaler.enabled:  # the same on every rank (overflows are reduced over all of them)
+            extra["loss_scaler"] = self.scaler.state_dict()
         return save_checkpoint(self.ckpt_dir, self.state.step, self.chunks, self.optimizer, self.ps,
                                self.cfg, extra, self.rng)
 

@@ -10,6 +10,7 @@ import pytest
 from megalite.testing import run_distributed
 from megalite.training import checkpoint as ckpt
 from megalite.training import trainer as trainer_mod
+from megalite.training.precision import LossScaler
 from megalite.training.trainer import Trainer
 from tests.training.common import tiny_config
 
@@ -64,6 +65,16 @@ def test_a_failed_async_save_fails_the_run(tmp_path, monkeypatch):
                                   "checkpoint.async_save=true"))
     with pytest.raises(ckpt.CheckpointSaveError, match="step 1 .* was not saved on rank 0: OSError"):
         trainer.train()
+
+
+def test_resume_restores_the_loss_scaler(tmp_path, monkeypatch):
+    # fp16 needs a GPU; on a CPU the trainer gets an fp16 (dynamic) scaler that doubles every 2 clean steps.
+    monkeypatch.setattr(trainer_mod, "LossScaler", lambda precision, initial: LossScaler("fp16", initial, 2))
+    first = Trainer(tiny_config(str(tmp_path), "train.train_steps=4", "train.exit_interval=2"))
+    first.train()
+    assert first.scaler.state_dict() == {"scale": 2.0**17, "good_steps": 2}
+    resumed = Trainer(tiny_config(str(tmp_path), "train.train_steps=4", "checkpoint.load=auto"))
+    assert resumed.state.step == 2 and resumed.scaler.state_dict() == first.scaler.state_dict()
 
 
 def test_metrics_jsonl_has_contract_fields(tmp_path):
