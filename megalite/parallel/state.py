@@ -167,6 +167,10 @@ def build_parallel_state(par: ParallelConfig, device: torch.device | None = None
     pp_lists = [[R(t, c, d, p) for p in range(pp)] for d in range(dp) for c in range(cp) for t in range(tp)]
     ps.pp_group = make(pp_lists)
     ps.pp_ranks = next(r for r in pp_lists if rank in r)
+    if pp > 1:
+        # NCCL requires every rank of a group in its first batched p2p call, and a pipeline's
+        # first exchange (stage 0 -> 1) is not: meet once here, before any (see pipeline/p2p.py).
+        dist.barrier(group=ps.pp_group, device_ids=[device.index] if device.type == "cuda" and device.index is not None else None)
     ps.mp_group = make([[R(t, c, d, p) for p in range(pp) for t in range(tp)]
                         for d in range(dp) for c in range(cp)])
     ps.tp_dp_group = make([[R(t, c, d, p) for d in range(dp) for c in range(cp) for t in range(tp)]

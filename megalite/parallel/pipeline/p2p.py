@@ -8,6 +8,11 @@ their buffers without a metadata round trip: [seq (/tp under SP), micro_batch, h
 With pp=2 the next and the previous rank are the same peer, and activations and gradients travel
 between the same two ranks in one batch. Forward-direction messages are always posted before
 backward-direction ones (on both ends), and they carry different tags, so they cannot be swapped.
+
+`_plan` is that batch as data; simulate.py traces the same plan (by overriding `_post`) to check
+the schedules without processes. NCCL wants every rank of a group in its first batched p2p call,
+which a pipeline's first exchange (stage 0 -> 1 only) is not: build_parallel_state meets the
+pipeline group once with a barrier right after creating it.
 """
 
 from __future__ import annotations
@@ -21,14 +26,28 @@ from megalite.parallel.state import ParallelState
 FORWARD_TAG = 1  # activations: stage s -> s+1
 BACKWARD_TAG = 2  # gradients: stage s+1 -> s
 
-# Groups whose ranks have all met once. NCCL requires the first batched p2p call in a group to
-# involve every rank of it, which a pipeline's first exchange (stage 0 -> 1 only) does not.
-_met: set[int] = set()
+# One message of an exchange: (kind "send" | "recv", peer rank, tag, tensor).
+Op = tuple[str, int, int, torch.Tensor]
 
 
 def activation_shape(seq_len: int, micro_batch_size: int, hidden_size: int, ps: ParallelState) -> tuple[int, ...]:
     """The hidden-state shape that crosses stage boundaries (sequence-sharded under SP)."""
     return (seq_len // ps.tp if ps.sp else seq_len, micro_batch_size, hidden_size)
+
+
+def _plan(ps: ParallelState, send_next: torch.Tensor | None, send_prev: torch.Tensor | None,
+          from_prev: torch.Tensor | None, from_next: torch.Tensor | None) -> list[Op]:
+    """The messages of one exchange, in posting order (forward direction first)."""
+    ops: list[Op] = []
+    if send_next is not None:
+        ops.append(("send", ps.next_rank, FORWARD_TAG, send_next))
+    if from_prev is not None:
+        ops.append(("recv", ps.prev_rank, FORWARD_TAG, from_prev))
+    if send_prev is not None:
+        ops.append(("send", ps.prev_rank, BACKWARD_TAG, send_prev))
+    if from_next is not None:
+        ops.append(("recv", ps.next_rank, BACKWARD_TAG, from_next))
+    return ops
 
 
 class PipelineComm:
@@ -50,31 +69,26 @@ class PipelineComm:
         """Sends activations to the next rank / gradients to the previous one, receives an
         activation from the previous rank / a gradient from the next one; returns
         (from_prev, from_next). Received activations require grad: they are the stage's input."""
-        ps, group = self.ps, self.ps.pp_group
-        ops: list[dist.P2POp] = []
         from_prev = self._buffer() if recv_prev else None
         from_next = self._buffer() if recv_next else None
-        if send_next is not None:
-            t = self._check(send_next)
-            record("p2p", t)
-            ops.append(dist.P2POp(dist.isend, t, ps.next_rank, group, FORWARD_TAG))
-        if from_prev is not None:
-            ops.append(dist.P2POp(dist.irecv, from_prev, ps.prev_rank, group, FORWARD_TAG))
-        if send_prev is not None:
-            t = self._check(send_prev)
-            record("p2p", t)
-            ops.append(dist.P2POp(dist.isend, t, ps.prev_rank, group, BACKWARD_TAG))
-        if from_next is not None:
-            ops.append(dist.P2POp(dist.irecv, from_next, ps.next_rank, group, BACKWARD_TAG))
+        ops = _plan(self.ps, None if send_next is None else self._check(send_next),
+                    None if send_prev is None else self._check(send_prev), from_prev, from_next)
         if ops:
-            if id(group) not in _met:
-                dist.barrier(group=group)
-                _met.add(id(group))
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+            self._post(ops)
         if from_prev is not None:
             from_prev.requires_grad_()
         return from_prev, from_next
+
+    def _post(self, ops: list[Op]) -> None:
+        """Posts the plan as one batch and waits for all of it."""
+        group = self.ps.pp_group
+        p2p = []
+        for kind, peer, tag, t in ops:
+            if kind == "send":
+                record("p2p", t)
+            p2p.append(dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer, group, tag))
+        for work in dist.batch_isend_irecv(p2p):
+            work.wait()
 
     # Stage-level helpers for the non-interleaved schedules: the ends skip what they lack.
     def recv_forward(self) -> torch.Tensor | None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from megalite.parallel.pipeline.p2p import BACKWARD_TAG, FORWARD_TAG, PipelineComm
+from megalite.parallel.pipeline.p2p import Op, PipelineComm
 from megalite.parallel.pipeline.schedules import SCHEDULE_FNS
 from megalite.parallel.state import ParallelState
 
@@ -75,30 +75,22 @@ def synthetic_micro_batches(m: int) -> list[dict[str, torch.Tensor]]:
     return [dict(tokens=z, labels=z) for _ in range(m)]
 
 
-# An op: (kind "send" | "recv", peer rank, tag). A trace entry: ("compute", seconds) or ("exchange", ops).
-Op = tuple[str, int, int]
+# A trace entry: ("compute", seconds) or ("exchange", [(kind "send" | "recv", peer rank, tag), ...]).
 
 
 class _RecordingComm(PipelineComm):
+    """The real exchange (shape checks, buffers, the message plan) with posting replaced by
+    recording: receives read zeros."""
+
     def __init__(self, ps: ParallelState) -> None:
         super().__init__(ps, SHAPE, torch.float32, torch.device("cpu"))
         self.trace: list = []
 
-    def exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
-        ps = self.ps
-        ops: list[Op] = []
-        if send_next is not None:
-            ops.append(("send", ps.next_rank, FORWARD_TAG))
-        if recv_prev:
-            ops.append(("recv", ps.prev_rank, FORWARD_TAG))
-        if send_prev is not None:
-            ops.append(("send", ps.prev_rank, BACKWARD_TAG))
-        if recv_next:
-            ops.append(("recv", ps.next_rank, BACKWARD_TAG))
-        if ops:
-            self.trace.append(("exchange", ops))
-        from_prev = torch.zeros(SHAPE, requires_grad=True) if recv_prev else None
-        return from_prev, torch.zeros(SHAPE) if recv_next else None
+    def _post(self, ops: list[Op]) -> None:
+        self.trace.append(("exchange", [(kind, peer, tag) for kind, peer, tag, _ in ops]))
+        for kind, _, _, t in ops:
+            if kind == "recv":
+                t.zero_()
 
 
 def trace_schedule(schedule: str, pp: int, m: int, vpp: int = 1, t_fwd: float = 1.0,
