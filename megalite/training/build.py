@@ -10,11 +10,23 @@ from megalite.parallel.rng import RNGTracker
 from megalite.parallel.state import ParallelState
 
 
-def build_model(cfg: Config, ps: ParallelState, rng: RNGTracker | None) -> list[LlamaModel]:
+def check_step_schedule(cfg: Config, dp: int) -> int:
+    """The step's micro-batch count per DP rank, after checking that the pipeline schedule and the
+    layer split can run it (ConfigError otherwise)."""
+    t = cfg.train
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    check_schedule(cfg.parallel, num_micro, cfg.model.num_layers)
+    return num_micro
+
+
+def build_model(cfg: Config, ps: ParallelState, rng: RNGTracker | None,
+                schedule_checked: bool = False) -> list[LlamaModel]:
     """Chunk v of pipeline rank r holds virtual stage v*pp + r (its layers keep their global ids,
-    and init is seeded by global name, so every layout starts from the same model)."""
+    and init is seeded by global name, so every layout starts from the same model).
+    `schedule_checked`: the caller already ran `check_step_schedule` for this layout."""
     par, t = cfg.parallel, cfg.train
-    check_schedule(par, t.global_batch_size // (t.micro_batch_size * ps.dp), cfg.model.num_layers)
+    if not schedule_checked:
+        check_step_schedule(cfg, ps.dp)
     chunks = []
     for spec in stage_specs(cfg.model.num_layers, par, ps.pp_rank):
         model = LlamaModel(cfg.model, ps, rng, layer_ids=spec.layer_ids, pre_process=spec.pre_process,

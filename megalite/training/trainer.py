@@ -26,7 +26,6 @@ from megalite.model.flops import flops_per_token, param_count
 from megalite.model.spec import check_impls
 from megalite.parallel.comm import all_reduce, broadcast
 from megalite.parallel.finalize import finalize_grads
-from megalite.parallel.pipeline import check_schedule
 from megalite.parallel.rng import seed_everything
 from megalite.parallel.state import (
     ParallelState,
@@ -36,7 +35,7 @@ from megalite.parallel.state import (
     resolve_device,
 )
 from megalite.training.batch import loss_token_count, make_micro_batch
-from megalite.training.build import build_model
+from megalite.training.build import build_model, check_step_schedule
 from megalite.training.checkpoint import (
     load_checkpoint,
     resolve_checkpoint,
@@ -66,7 +65,7 @@ class Trainer:
         self.device = resolve_device(t.device)
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         self.dp = check_layout(m, cfg.parallel, t, world)
-        check_schedule(cfg.parallel, t.global_batch_size // (t.micro_batch_size * self.dp), m.num_layers)
+        self.num_micro = check_step_schedule(cfg, self.dp)  # micro-batches per step on each DP rank
         if t.precision == "fp8" and m.linear_impl == m.mlp_impl == "torch":
             # FP8 runs only inside Transformer Engine modules: fp8 selects them in the layer spec.
             m.linear_impl = m.mlp_impl = "te"
@@ -82,14 +81,13 @@ class Trainer:
         init_distributed(self.device)
         self.ps: ParallelState = build_parallel_state(cfg.parallel, self.device)
         self.autocast = make_autocast(self.precision, self.device, t.fp8_recipe, self.ps.tp_dp_group)
-        self.num_micro = t.global_batch_size // (t.micro_batch_size * self.ps.dp)
         self.rng = seed_everything(t.seed, self.ps.tp_rank, self.ps.pp_rank, self.device)
         if datasets is None:
             wanted = {"train": t.train_steps * t.global_batch_size, "valid": t.eval_steps * t.global_batch_size}
             datasets = build_pretrain_datasets(cfg.data, t.seq_len, t.seed, self.tokenizer, num_samples=wanted,
                                                global_batch_size=t.global_batch_size)[:2]
         self.train_ds, self.valid_ds = datasets
-        self.chunks = build_model(cfg, self.ps, self.rng)
+        self.chunks = build_model(cfg, self.ps, self.rng, schedule_checked=True)
         self.optimizer = build_optimizer(self.chunks, cfg, self.ps)
         self.forward_backward = get_forward_backward(self.ps, cfg.parallel)
         self.scaler = LossScaler(self.precision, t.loss_scale)
@@ -126,7 +124,9 @@ class Trainer:
         return t
 
     # -- one step -----------------------------------------------------------------------------
-    def train_step(self, batches: list[dict]) -> tuple[float, float]:
+    def train_step(self, batches: list[dict]) -> tuple[float, float, float]:
+        """One optimizer step: (global loss, grad norm (inf: skipped on fp16 overflow), its lr)."""
+        lr = lr_at(self.state.step, self.cfg.train.train_steps, self.cfg.optim)
         for c in self.chunks:
             c.train()
         num_tokens = float(self._global_sum(loss_token_count(batches)))
@@ -137,12 +137,11 @@ class Trainer:
                                              no_sync=getattr(self.optimizer, "no_sync", None))
         finalize_grads(self.chunks, self.ps)
         if self.scaler.unscale_and_check(self.scaled_params, None if self.ps.world_size == 1 else dist.group.WORLD):
-            lr = lr_at(self.state.step, self.cfg.train.train_steps, self.cfg.optim)
             grad_norm = self.optimizer.step(lr)
         else:
             grad_norm = float("inf")  # fp16 overflow: skip this update, the scaler has backed off
         loss = self._pipeline_broadcast(self._global_sum(loss_sum.double()) / num_tokens)
-        return float(loss), grad_norm
+        return float(loss), grad_norm, lr
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -195,8 +194,7 @@ class Trainer:
             while self.state.step < t.train_steps:
                 start = time.time()
                 batches = self._batches(self.train_ds, self.state.consumed_samples)
-                lr = lr_at(self.state.step, t.train_steps, self.cfg.optim)
-                loss, grad_norm = self.train_step(batches)
+                loss, grad_norm, lr = self.train_step(batches)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 elapsed = time.time() - start
