@@ -62,11 +62,12 @@ class MetricsLogger:
             self.file = open(self.path, "a", buffering=1)
 
     def log(self, record: dict) -> None:
+        """Each line is flushed to the OS at once (a crashed or killed process loses none); it is
+        fsynced to disk once, at `close`, not per step."""
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        os.fsync(self.file.fileno())
 
     def console(self, step: int, r: dict) -> None:
         if not self.enabled:
@@ -86,5 +87,7 @@ class MetricsLogger:
         print(line, file=sys.stdout, flush=True)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and not self.file.closed:
+            self.file.flush()
+            os.fsync(self.file.fileno())
             self.file.close()
