@@ -117,7 +117,6 @@ class DataConfig:
     reset_at_eod: bool = True  # document masking: positions restart and attention stops at EOD
     eod_mask_loss: bool = False
     curriculum: list[Any] | None = None  # [{step: N, blend: {prefix: weight}}, ...]
-    num_workers: int = 0
 
 
 @dataclass
