@@ -300,7 +300,7 @@ def load_checkpoint(path: str | Path, chunks, optimizer, ps: ParallelState, cfg:
     reader = ShardReader(step_dir)
     for c in chunks:
         for name, p in c.named_parameters():
-            p.copy_(load_weight(reader, meta, load_key(name, p, ps), p, ps).to(p.dtype))
+            p.copy_(load_weight(reader, meta, load_key(name, p, ps, meta), p, ps).to(p.dtype))
     same_layout = {k: v for k, v in meta["layout"].items() if k != "distributed_optimizer"} == {
         k: v for k, v in _layout(ps, optimizer).items() if k != "distributed_optimizer"}
     if hasattr(optimizer, "pieces"):
@@ -326,7 +326,7 @@ def _load_buffer_optimizer(reader: ShardReader, meta: dict, optimizer, ps: Paral
         by_param.setdefault(id(pc.slot.param), []).append(pc)
     for pcs in by_param.values():
         p, name = pcs[0].slot.param, pcs[0].name
-        key = load_key(name, p, ps)
+        key = load_key(name, p, ps, meta)
         for state_name in OPTIM_KEYS:
             flat = load_optim_state(reader, meta, key, p, ps, state_name)
             if flat is None:

@@ -1,7 +1,10 @@
 """The layout-independent part of checkpoints: what each rank saves, the index of it, and how a
 parameter (or a piece of its optimizer state) is rebuilt for another TP/PP/DP layout.
 
-Parameters are keyed by their global names (layer numbers are global, so PP does not matter).
+Parameters are keyed by their global names (layer numbers are global, so PP does not matter),
+as the torch layer spec names them: a Transformer Engine parameter (e.g. `mlp.te.fc1_weight`) is
+stored as its torch counterpart (`mlp.gate_up.weight`), the same tensor, so either spec resumes
+the other's checkpoints.
 A TP-sharded parameter is stored as each TP rank's local tensor plus its `TPShard`, which says how
 to reassemble the global (TP=1) tensor; the loader re-splits that for its own TP rank. Optimizer
 state is stored as pieces [lo, hi) of each TP-local tensor, flattened: the whole tensor without the
@@ -20,6 +23,7 @@ import torch.nn as nn
 from megalite.config import ConfigError
 from megalite.parallel.sharding import TPShard, assemble_global, get_tp_shard, split_for_rank
 from megalite.parallel.state import ParallelState
+from megalite.training.convert_hf import canonical_name
 
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "master")
 
@@ -27,12 +31,14 @@ OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "master")
 def storage_key(name: str, p: nn.Parameter, ps: ParallelState) -> str | None:
     """The name a parameter is stored under; None for a tied head (stored as the embedding)."""
     tied = getattr(p, "tied_to", None)
-    return None if tied and ps.pp > 1 else name
+    return None if tied and ps.pp > 1 else canonical_name(name)
 
 
-def load_key(name: str, p: nn.Parameter, ps: ParallelState) -> str:
-    """The stored name a parameter loads from: its own, or for a tied head the embedding's."""
-    return storage_key(name, p, ps) or p.tied_to  # type: ignore[attr-defined]
+def load_key(name: str, p: nn.Parameter, ps: ParallelState, meta: dict) -> str:
+    """The stored name a parameter loads from: its own, or for a tied head the embedding's. A TE
+    parameter saved before names were canonical is found under its own TE name."""
+    key = storage_key(name, p, ps) or p.tied_to  # type: ignore[attr-defined]
+    return name if key not in meta["params"] and name in meta["params"] else key
 
 
 def global_shape(p: torch.Tensor) -> list[int]:

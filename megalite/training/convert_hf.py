@@ -221,14 +221,20 @@ def _check_blocks(ts: list[torch.Tensor], parts: tuple[str, ...], i: int, m: Mod
                               f"the config implies {[rows[p], h]}")
 
 
+def canonical_name(name: str) -> str:
+    """A parameter's name under the torch layer spec: TE's fused-module names mapped, others kept.
+    Checkpoints store parameters under these names, so either spec resumes the other's."""
+    if name.startswith("layers."):
+        idx, _, tail = name.removeprefix("layers.").partition(".")
+        if tail in _TE_RENAMES:
+            return f"layers.{idx}.{_TE_RENAMES[tail]}"
+    return name
+
+
 def canonical_names(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A checkpoint saved with the TE layer spec, under the torch spec's names (same tensors)."""
-    out = {}
-    for name, t in w.items():
-        layer, _, rest = name.partition(".") if name.startswith("layers.") else ("", "", name)
-        idx, _, tail = rest.partition(".")
-        out[f"layers.{idx}.{_TE_RENAMES[tail]}" if layer and tail in _TE_RENAMES else name] = t
-    return out
+    """A checkpoint saved with the TE layer spec (before checkpoints stored canonical names), under
+    the torch spec's names (same tensors)."""
+    return {canonical_name(name): t for name, t in w.items()}
 
 
 def megalite_to_hf(w: dict[str, torch.Tensor], m: ModelConfig, where: str) -> dict[str, torch.Tensor]:

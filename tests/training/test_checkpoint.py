@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,7 +21,9 @@ from megalite.parallel.sharding import TPShard, assemble_global, split_for_rank
 from megalite.parallel.state import ParallelState
 from megalite.testing import run_distributed
 from megalite.training import checkpoint as ckpt
+from megalite.training import checkpoint_reshard
 from megalite.training.checkpoint_global import load_global_weights, save_global_weights
+from megalite.training.convert_hf import canonical_name
 from megalite.training.trainer import Trainer
 from tests.training.common import tiny_config
 
@@ -228,6 +231,56 @@ def test_global_weights_round_trip_as_a_weights_only_checkpoint(tmp_path):
     for (n, p), (_, q) in zip(m.named_parameters(), m2.named_parameters(), strict=True):
         assert torch.equal(p, q), n
     assert o2.steps == 0 and all(not t.any() for t in o2.exp_avg)  # Adam starts fresh
+
+
+# -- Transformer Engine layer spec ---------------------------------------------------------------
+
+TE_MODEL = dataclasses.replace(MODEL, linear_impl="te", norm_impl="te", mlp_impl="te")
+
+
+def _by_canonical_name(state: tuple) -> tuple[dict, dict]:
+    _, m, opt = state
+    weights = {canonical_name(n): p.detach().clone() for n, p in m.named_parameters()}
+    optim = {(canonical_name(pc.name), pc.lo, k): v.clone() for pc in opt.pieces for k, v in opt.piece_state(pc).items()}
+    return weights, optim
+
+
+def _assert_same(a: tuple, b: tuple) -> None:
+    for x, y in zip(_by_canonical_name(a), _by_canonical_name(b), strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+    assert a[2].steps == b[2].steps
+
+
+@pytest.mark.parametrize("saved, loaded", [(TE_MODEL, MODEL), (MODEL, TE_MODEL)], ids=["te-to-torch", "torch-to-te"])
+def test_checkpoints_store_torch_names_so_te_and_torch_specs_resume_each_other(tmp_path, monkeypatch, saved, loaded):
+    from tests.kernels import fake_te
+
+    fake_te.install(monkeypatch)
+    src = _tiny(saved)
+    _train(src[1], src[2])
+    ckpt.save_checkpoint(tmp_path, 2, [src[1]], src[2], ParallelState(), src[0], {"consumed_samples": 2})
+    meta = ckpt.read_metadata(tmp_path / "step_00000002")
+    assert set(meta["params"]) == {n for n, _ in LlamaModel(MODEL, ParallelState()).named_parameters()}
+    dst = _tiny(loaded)
+    ckpt.load_checkpoint(tmp_path, [dst[1]], dst[2], ParallelState(), dst[0])
+    _assert_same(src, dst)
+
+
+def test_te_checkpoints_saved_under_te_names_still_load(tmp_path, monkeypatch):
+    from tests.kernels import fake_te
+
+    fake_te.install(monkeypatch)
+    src = _tiny(TE_MODEL)
+    _train(src[1], src[2])
+    with monkeypatch.context() as old_format:
+        old_format.setattr(checkpoint_reshard, "canonical_name", lambda name: name)
+        ckpt.save_checkpoint(tmp_path, 2, [src[1]], src[2], ParallelState(), src[0], {"consumed_samples": 2})
+    assert "layers.0.mlp.te.fc1_weight" in ckpt.read_metadata(tmp_path / "step_00000002")["params"]
+    dst = _tiny(TE_MODEL)
+    ckpt.load_checkpoint(tmp_path, [dst[1]], dst[2], ParallelState(), dst[0])
+    _assert_same(src, dst)
 
 
 # -- resharding through the real training loop -----------------------------------------------------
