@@ -126,6 +126,6 @@ class VocabParallelEmbedding(nn.Module):
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.local_vocab)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
-        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        out.masked_fill_(outside.unsqueeze(-1), 0.0)  # a fresh tensor (embedding backward keeps ids only)
         g = self.ps.tp_group
         return reduce_scatter_to_sequence(out, g) if self.ps.sp else reduce_from_tp(out, g)

@@ -57,13 +57,27 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _all_reduce(g.clone(), ctx.group), None
+        # In place, as in Megatron: the consumer is a column-parallel matmul (F.linear, the fused
+        # linear cross-entropy) whose backward hands over a gradient that nothing else reads.
+        return _all_reduce(g, ctx.group), None
+
+
+def _reduces_in_place(x: torch.Tensor) -> bool:
+    """Whether _ReduceFromTP may overwrite its input: a contiguous non-view non-leaf, i.e. an op's
+    fresh output (a row-parallel matmul, the embedding lookup). Autograd forbids in-place changes
+    to a view returned by a custom Function (the fused SwiGLU + down projection returns one), and
+    a view or leaf may be read elsewhere, so those are reduced in a copy."""
+    return x.is_contiguous() and not x._is_view() and not (x.is_leaf and x.requires_grad)
 
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group)
+        if not _reduces_in_place(x):
+            return _all_reduce(x.clone(memory_format=torch.contiguous_format), group)
+        all_reduce(x, group)
+        ctx.mark_dirty(x)
+        return x
 
     @staticmethod
     def backward(ctx, g):
