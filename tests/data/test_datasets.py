@@ -196,41 +196,26 @@ def test_unwritable_cache_is_a_config_error(tmp_path):
         build_pretrain_datasets(DataConfig(path=_shard(tmp_path), cache_dir=str(blocker / "sub")), 16, 1, TOK)
 
 
-def _dp_rank_main(rank, world, port, prefix, cache, out):
+def _dp_rank_main(rank, world, prefix, cache):
     import torch
-    import torch.distributed as dist
 
-    os.environ.update(LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     train = build_pretrain_datasets(DataConfig(path=prefix, cache_dir=cache), 16, 1, TOK)[0]
-    mine = torch.stack([get_micro_batch(train, 24, m, 2, rank, world) for m in range(3)])
-    gathered = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine)
-    if rank == 0:
-        torch.save(torch.stack(gathered), out)
-    dist.destroy_process_group()
+    return torch.stack([get_micro_batch(train, 24, m, 2, rank, world) for m in range(3)])
 
 
 @pytest.mark.slow
 def test_dp_ranks_under_gloo_split_the_global_batch(tmp_path):
-    import socket
+    from megalite.testing import run_distributed
 
-    import torch
-    import torch.multiprocessing as tmp_mp
-
-    prefix, cache, out = _shard(tmp_path, n=600), str(tmp_path / "cache"), str(tmp_path / "b.pt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tmp_mp.spawn(_dp_rank_main, args=(2, port, prefix, cache, out), nprocs=2, join=True)
-    got = torch.load(out)  # [rank, micro, mbs, seq+1]
+    prefix, cache = _shard(tmp_path, n=600), str(tmp_path / "cache")
+    got = run_distributed(_dp_rank_main, 2, prefix, cache)  # per rank: [micro, mbs, seq+1]
     splits = build_pretrain_datasets(DataConfig(path=prefix, cache_dir=cache), 16, 1, TOK)
     ref = splits[0]
     for r in range(2):
         for m in range(3):
             start = 24 + m * 2 * 2 + r * 2
             expect = ref.get_batch(range(start, start + 2))
-            assert np.array_equal(got[r, m].numpy(), expect)
+            assert np.array_equal(got[r][m].numpy(), expect)
     entries = os.listdir(os.path.join(cache, "index"))  # one per split, no leftovers of the election
     assert len(entries) == sum(d is not None for d in splits)
     assert not [e for e in entries if e.endswith((".lock", ".tmp"))]
