@@ -129,8 +129,6 @@ def test_zero1_matches_replicated_and_single_process(tp: int, sp: bool, tie: boo
             # Memory per rank: measured from the tensors == the ZeRO-1 formula (K=8: fp32 m, v;
             # the fp32 parameters double as master weights), and the sharded state is 1/dp of it.
             assert "match" in line and "MISMATCH" not in line, line
-            if tp == 1:  # psi is the whole model's parameter count
-                assert mem["psi"] == sum(p.numel() for p in ref.parameters())
             assert 0 <= mem["measured_optimizer"] - 8 * mem["psi"] / mem["nd"] <= mem["padding_slack"]
         assert r["DistributedOptimizer"][2]["nd"] == 2
         # No collective moves more than the analytical count (TP/SP pairs, DP reduce-scatter +
