@@ -77,12 +77,12 @@ def _rms(h: int, x: str, res: str | None, y: str) -> list[Variant]:
     if h <= rn.BWD_MAX_BLOCK:
         bb = rn._block(h, rn.BWD_MAX_BLOCK)
         out.append(Variant(f"rmsnorm bwd {tag}", rn._rms_bwd_kernel, bwd_ptrs,
-                           dict(HAS_DH=res is not None, BLOCK=bb), warps_for(bb)))
+                           dict(HAS_DH=res is not None, WHOLE_ROW=True, BLOCK=bb), warps_for(bb)))
     else:
         lb, lw = rn.LOOP_BLOCK, warps_for(rn.LOOP_BLOCK)
         out.append(Variant(f"rmsnorm bwd dot {tag}", rn._rms_bwd_dot_kernel, bwd_ptrs, dict(BLOCK=lb), lw))
-        out.append(Variant(f"rmsnorm bwd cols {tag}", rn._rms_bwd_cols_kernel, bwd_ptrs,
-                           dict(HAS_DH=res is not None, BLOCK=lb), lw))
+        out.append(Variant(f"rmsnorm bwd cols {tag}", rn._rms_bwd_kernel, bwd_ptrs,
+                           dict(HAS_DH=res is not None, WHOLE_ROW=False, BLOCK=lb), lw))
     return out
 
 

@@ -80,40 +80,8 @@ def _rms_fwd_kernel(X, R, W, Y, H, RSTD, stride_x, stride_r, stride_y, stride_h,
 
 
 @triton.jit
-def _store_dx(dy, xhat, w, c, rstd, DH_ROW, DX_ROW, cols, mask, HAS_DH: tl.constexpr):
-    """dx = (dy w - xhat c) rstd, plus the residual branch's gradient; returns the row's dW term."""
-    dx = (dy * w - xhat * c) * rstd
-    if HAS_DH:
-        dx += tl.load(DH_ROW + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DX_ROW + cols, dx.to(DX_ROW.dtype.element_ty), mask=mask)
-    return dy * xhat
-
-
-@triton.jit
-def _rms_bwd_kernel(DY, X, W, RSTD, DH, DX, DW_PART, stride_dy, stride_x, stride_dh, stride_dx,
-                    n_rows, n_cols, n_progs, HAS_DH: tl.constexpr, BLOCK: tl.constexpr):
-    """Rows that fit in registers: persistent programs over strided rows, dW share in registers."""
-    pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, tl.cdiv(n_rows - pid, n_progs)):
-        row64 = pid64 + i * n_progs
-        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row64)
-        xhat = x * rstd
-        c = tl.sum(dy * w * xhat, axis=0) / n_cols
-        dw_acc += _store_dx(dy, xhat, w, c, rstd, DH + row64 * stride_dh, DX + row64 * stride_dx, cols, mask,
-                            HAS_DH)
-    tl.store(DW_PART + pid64 * n_cols + cols, dw_acc, mask=mask)
-
-
-@triton.jit
 def _rms_bwd_dot_kernel(DY, X, W, RSTD, C, stride_dy, stride_x, n_cols, BLOCK: tl.constexpr):
-    """Wide rows, pass 1: the per-row projection c = rstd * mean(dy * w * x), one program a row."""
+    """Wide rows, pass 1 (before _rms_bwd_kernel): the per-row projection c = rstd * mean(dy * w * x), one program a row."""
     row = tl.program_id(0).to(tl.int64)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK):
@@ -127,10 +95,11 @@ def _rms_bwd_dot_kernel(DY, X, W, RSTD, C, stride_dy, stride_x, n_cols, BLOCK: t
 
 
 @triton.jit
-def _rms_bwd_cols_kernel(DY, X, W, RSTD, C, DH, DX, DW_PART, stride_dy, stride_x, stride_dh, stride_dx,
-                         n_rows, n_cols, n_progs, HAS_DH: tl.constexpr, BLOCK: tl.constexpr):
-    """Wide rows, pass 2: program (p, b) takes column block b of rows p, p + n_progs, ...; its dW
-    share for that block accumulates in registers and is written once."""
+def _rms_bwd_kernel(DY, X, W, RSTD, C, DH, DX, DW_PART, stride_dy, stride_x, stride_dh, stride_dx,
+                    n_rows, n_cols, n_progs, HAS_DH: tl.constexpr, WHOLE_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (p, b) takes column block b of rows p, p + n_progs, ...; its dW share for that block
+    accumulates in registers and is written once. WHOLE_ROW: the block is the whole row (one column
+    block), so the row's projection c is reduced here; otherwise pass 1 left it in C."""
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -142,8 +111,16 @@ def _rms_bwd_cols_kernel(DY, X, W, RSTD, C, DH, DX, DW_PART, stride_dy, stride_x
         x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + row64)
-        dw_acc += _store_dx(dy, x * rstd, w, tl.load(C + row64), rstd, DH + row64 * stride_dh,
-                            DX + row64 * stride_dx, cols, mask, HAS_DH)
+        xhat = x * rstd
+        if WHOLE_ROW:
+            c = tl.sum(dy * w * xhat, axis=0) / n_cols
+        else:
+            c = tl.load(C + row64)
+        dx = (dy * w - xhat * c) * rstd
+        if HAS_DH:
+            dx += tl.load(DH + row64 * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw_acc += dy * xhat
     tl.store(DW_PART + pid64 * n_cols + cols, dw_acc, mask=mask)
 
 
@@ -200,29 +177,26 @@ class _RMSNormFn(torch.autograd.Function):
         has_dh = ctx.has_res and dh is not None
         dh2 = as_rows(dh, "rms_norm: grad") if has_dh else dy2
         dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
-        strides = (dy2.stride(0), x2.stride(0), dh2.stride(0), dx.stride(0))
         if n_cols <= BWD_MAX_BLOCK:
             # Enough resident programs per SM (up to 32 warps' worth) that while one waits on a row's
             # loads others compute: the row loop is latency-bound otherwise, a floor at small sizes.
-            block = _block(n_cols, BWD_MAX_BLOCK)
+            block, n_blocks = _block(n_cols, BWD_MAX_BLOCK), 1
             progs = num_programs(x2.device, n_rows, per_sm=max(1, 32 // warps_for(block)))
-            dw_part = torch.empty((progs, n_cols), dtype=torch.float32, device=x2.device)
-            if n_rows > 0:
-                _rms_bwd_kernel[(progs,)](dy2, x2, w, rstd, dh2, dx, dw_part, *strides, n_rows, n_cols, progs,
-                                          HAS_DH=has_dh, BLOCK=block, num_warps=warps_for(block))
         else:
             # A wider row's x, dy, w and dW share no longer fit in registers (they spill): reduce
             # each row's projection first, then sweep column blocks with dW kept per block.
-            n_blocks = triton.cdiv(n_cols, LOOP_BLOCK)
-            progs = max(1, num_programs(x2.device, n_rows, per_sm=32 // warps_for(LOOP_BLOCK)) // n_blocks)
-            dw_part = torch.empty((progs, n_cols), dtype=torch.float32, device=x2.device)
-            if n_rows > 0:
+            block, n_blocks = LOOP_BLOCK, triton.cdiv(n_cols, LOOP_BLOCK)
+            progs = max(1, num_programs(x2.device, n_rows, per_sm=32 // warps_for(block)) // n_blocks)
+        dw_part = torch.empty((progs, n_cols), dtype=torch.float32, device=x2.device)
+        if n_rows > 0:
+            c = rstd  # not read when the kernel reduces whole rows itself
+            if n_blocks > 1:
                 c = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
                 _rms_bwd_dot_kernel[(n_rows,)](dy2, x2, w, rstd, c, dy2.stride(0), x2.stride(0), n_cols,
-                                               BLOCK=LOOP_BLOCK, num_warps=warps_for(LOOP_BLOCK))
-                _rms_bwd_cols_kernel[(progs, n_blocks)](dy2, x2, w, rstd, c, dh2, dx, dw_part, *strides,
-                                                         n_rows, n_cols, progs, HAS_DH=has_dh,
-                                                         BLOCK=LOOP_BLOCK, num_warps=warps_for(LOOP_BLOCK))
+                                               BLOCK=block, num_warps=warps_for(block))
+            _rms_bwd_kernel[(progs, n_blocks)](dy2, x2, w, rstd, c, dh2, dx, dw_part, dy2.stride(0), x2.stride(0),
+                                               dh2.stride(0), dx.stride(0), n_rows, n_cols, progs, HAS_DH=has_dh,
+                                               WHOLE_ROW=n_blocks == 1, BLOCK=block, num_warps=warps_for(block))
         dw = dw_part.sum(0).to(w.dtype) if ctx.needs_input_grad[1] else None
         dx = dx.view(ctx.shape)
         x_dtype, r_dtype = ctx.in_dtypes
