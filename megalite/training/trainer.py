@@ -24,7 +24,7 @@ from megalite.data.sampler import get_micro_batch
 from megalite.data.tokenizer import build_tokenizer
 from megalite.model.flops import flops_per_token, param_count
 from megalite.model.spec import check_impls
-from megalite.parallel.comm import all_reduce, broadcast
+from megalite.parallel.comm import all_reduce, broadcast, group_size
 from megalite.parallel.finalize import finalize_grads
 from megalite.parallel.rng import seed_everything
 from megalite.parallel.state import (
@@ -118,6 +118,11 @@ class Trainer:
         all_reduce(t, self.ps.dp_group)
         return t
 
+    def _global_token_count(self, batches: list[dict]) -> float:
+        """The step's loss-token count over all DP ranks; host-only (no device sync) when DP is 1."""
+        n = loss_token_count(batches)
+        return float(n) if group_size(self.ps.dp_group) == 1 else float(self._global_sum(n))
+
     def _pipeline_broadcast(self, t: torch.Tensor) -> torch.Tensor:
         """The loss lives on the last pipeline stage; every rank logs the same value."""
         broadcast(t, src=self.ps.pp_ranks[-1], group=self.ps.pp_group)
@@ -129,7 +134,7 @@ class Trainer:
         lr = lr_at(self.state.step, self.cfg.train.train_steps, self.cfg.optim)
         for c in self.chunks:
             c.train()
-        num_tokens = float(self._global_sum(loss_token_count(batches)))
+        num_tokens = self._global_token_count(batches)
         self.optimizer.zero_grad()
         with self.autocast():
             loss_sum = self.forward_backward(self.chunks, batches, self.ps, num_tokens=num_tokens,
@@ -154,7 +159,7 @@ class Trainer:
         count = 0.0
         for k in range(t.eval_steps):
             batches = self._batches(self.valid_ds, k * t.global_batch_size)
-            n = float(self._global_sum(loss_token_count(batches)))
+            n = self._global_token_count(batches)
             with self.autocast():
                 s = self.forward_backward(self.chunks, batches, self.ps, num_tokens=n, forward_only=True)
             total += self._global_sum(s.double())
