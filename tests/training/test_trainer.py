@@ -21,19 +21,32 @@ def _losses(history):
     return [r["loss"] for r in history], [r["grad_norm"] for r in history]
 
 
-def _layout_worker(rank: int, world: int, run_dir: str, overrides: list[str]):
-    return _losses(Trainer(tiny_config(f"{run_dir}/r{rank}", f"train.train_steps={STEPS}", *overrides)).train())
+LAYOUTS = {"tp2-sp": ["parallel.tp=2", "parallel.sp=true"], "tp2": ["parallel.tp=2"], "dp2": []}
+
+
+def _layout_worker(rank: int, world: int, run_dir: str, layouts: list[list[str]]):
+    """Every layout in turn on the same 2 processes (one spawn for all of them)."""
+    return [_losses(Trainer(tiny_config(f"{run_dir}/{i}/r{rank}", f"train.train_steps={STEPS}", *overrides)).train())
+            for i, overrides in enumerate(layouts)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The single-process run every layout must reproduce (computed once for the module)."""
+    ref_loss, ref_norm = _losses(Trainer(tiny_config(str(tmp_path_factory.mktemp("ref")),
+                                                     f"train.train_steps={STEPS}")).train())
+    assert ref_loss[-1] < ref_loss[0]
+    return ref_loss, ref_norm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [["parallel.tp=2", "parallel.sp=true"], ["parallel.tp=2"], []],
-                         ids=["tp2-sp", "tp2", "dp2"])
-def test_optimizer_steps_match_single_process(tmp_path, overrides):
-    ref_loss, ref_norm = _losses(Trainer(tiny_config(str(tmp_path / "ref"), f"train.train_steps={STEPS}")).train())
-    assert ref_loss[-1] < ref_loss[0]
-    for loss, norm in run_distributed(_layout_worker, 2, str(tmp_path), overrides):
-        assert loss == pytest.approx(ref_loss, rel=1e-5)
-        assert norm == pytest.approx(ref_norm, rel=1e-4)
+def test_optimizer_steps_match_single_process(tmp_path, reference):
+    ref_loss, ref_norm = reference
+    per_rank = run_distributed(_layout_worker, 2, str(tmp_path), list(LAYOUTS.values()))
+    for i, name in enumerate(LAYOUTS):
+        for loss, norm in (r[i] for r in per_rank):
+            assert loss == pytest.approx(ref_loss, rel=1e-5), name
+            assert norm == pytest.approx(ref_norm, rel=1e-4), name
 
 
 def test_resume_is_exact(tmp_path):
