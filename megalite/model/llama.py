@@ -23,7 +23,7 @@ from megalite.model.spec import loss_fn
 from megalite.parallel.layers import VocabParallelEmbedding, padded_vocab_size
 from megalite.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp
 from megalite.parallel.rng import RNGTracker
-from megalite.parallel.sharding import TPShard, get_tp_shard, set_tp_shard, split_for_rank
+from megalite.parallel.sharding import TPShard, get_tp_shard, split_for_rank, tag_param
 from megalite.parallel.state import ParallelState
 
 
@@ -48,11 +48,9 @@ class LlamaModel(nn.Module):
             if not cfg.tie_embeddings or not pre_process:
                 # With tied embeddings split over a pipeline, the last stage keeps its own copy,
                 # initialized from the same key and kept in sync by an all-reduce of the grads.
-                self.head = nn.Parameter(torch.empty(self.local_vocab, cfg.hidden_size, device=device))
-                self.head.init = "normal"  # type: ignore[attr-defined]
-                self.head.sync_tp_grad = False  # type: ignore[attr-defined]
+                self.head = tag_param(nn.Parameter(torch.empty(self.local_vocab, cfg.hidden_size, device=device)),
+                                      "normal", TPShard(0, (self.vocab_padded,), logical=cfg.vocab_size))
                 self.head.tied_to = "embedding.weight" if cfg.tie_embeddings else None  # type: ignore[attr-defined]
-                set_tp_shard(self.head, TPShard(0, (self.vocab_padded,), logical=cfg.vocab_size))
             self.loss = loss_fn(cfg.loss_impl)
         self.register_buffer("inv_freq", inv_frequencies(cfg).to(device), persistent=False)
 

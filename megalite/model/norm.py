@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from megalite.model.spec import rms_norm_fn, te_norm
+from megalite.parallel.sharding import tag_param
 from megalite.parallel.state import ParallelState
 
 
@@ -34,9 +35,8 @@ class RMSNorm(nn.Module):
             self._te = [mod]
             self.fn = lambda x, w, eps: mod(x)
             return
-        self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
-        self.weight.init = "ones"  # type: ignore[attr-defined]
-        self.weight.sync_tp_grad = partial_grad  # type: ignore[attr-defined]
+        self.weight = tag_param(nn.Parameter(torch.empty(dim, device=device, dtype=dtype)), "ones",
+                                sync_tp_grad=partial_grad)
         self.fn = rms_norm_fn(impl)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from megalite.config import ConfigError, ModelConfig
 from megalite.parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megalite.parallel.sharding import TPShard, set_tp_shard
+from megalite.parallel.sharding import TPShard, tag_param
 from megalite.parallel.state import ParallelState
 
 
@@ -113,13 +113,6 @@ def loss_fn(impl: str) -> LossFn:
 # sequence_parallel), on the same [seq, batch, hidden] layout.
 
 
-def _tag(p: nn.Parameter, init: str, shard: TPShard | None = None, sync_tp_grad: bool = False) -> None:
-    p.init = init  # type: ignore[attr-defined]
-    p.sync_tp_grad = sync_tp_grad  # type: ignore[attr-defined]
-    if shard is not None:
-        set_tp_shard(p, shard)
-
-
 def _te_common(ps: ParallelState, device) -> dict:
     # fp32 parameters: they are the master weights; TE casts to FP8 inside its GEMMs.
     return dict(tp_group=ps.tp_group, sequence_parallel=ps.sp, params_dtype=torch.float32,
@@ -150,10 +143,10 @@ def column_linear(cfg: ModelConfig, in_features: int, blocks: tuple[int, ...], p
 
     if fuse_norm:
         m = te.te_layernorm_linear(in_features, sum(blocks), cfg.norm_eps, **_te_common(ps, device))
-        _tag(m.layer_norm_weight, "ones", sync_tp_grad=ps.sp)
+        tag_param(m.layer_norm_weight, "ones", sync_tp_grad=ps.sp)
     else:
         m = te.te_linear(in_features, sum(blocks), "column", **_te_common(ps, device))
-    _tag(m.weight, "normal", TPShard(0, tuple(blocks)))
+    tag_param(m.weight, "normal", TPShard(0, tuple(blocks)))
     return m
 
 
@@ -166,7 +159,7 @@ def row_linear(cfg: ModelConfig, in_features: int, out_features: int, ps: Parall
     from megalite.kernels import te
 
     m = te.te_linear(in_features, out_features, "row", **_te_common(ps, device))
-    _tag(m.weight, "scaled", TPShard(1, (in_features,)))
+    tag_param(m.weight, "scaled", TPShard(1, (in_features,)))
     return m
 
 
@@ -176,9 +169,9 @@ def te_mlp(cfg: ModelConfig, ps: ParallelState, device=None) -> nn.Module:
 
     f = cfg.ffn_size
     m = te.te_layernorm_mlp(cfg.hidden_size, f, cfg.norm_eps, **_te_common(ps, device))
-    _tag(m.layer_norm_weight, "ones", sync_tp_grad=ps.sp)
-    _tag(m.fc1_weight, "normal", TPShard(0, (f, f)))
-    _tag(m.fc2_weight, "scaled", TPShard(1, (f,)))
+    tag_param(m.layer_norm_weight, "ones", sync_tp_grad=ps.sp)
+    tag_param(m.fc1_weight, "normal", TPShard(0, (f, f)))
+    tag_param(m.fc2_weight, "scaled", TPShard(1, (f,)))
     return m
 
 
@@ -187,5 +180,5 @@ def te_norm(dim: int, eps: float, ps: ParallelState, partial_grad: bool, device=
 
     m = te.te_rmsnorm(dim, eps, sequence_parallel=ps.sp, params_dtype=torch.float32,
                       device=device if device is not None else ps.device)
-    _tag(m.weight, "ones", sync_tp_grad=partial_grad)
+    tag_param(m.weight, "ones", sync_tp_grad=partial_grad)
     return m

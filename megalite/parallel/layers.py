@@ -2,11 +2,8 @@
 
 Weights are created empty; the model's `init_weights` fills every parameter from its global (TP=1)
 tensor through `sharding.split_for_rank`, so any TP layout starts from the same model.
-Grad-sync attributes set here tell the training loop what to do after backward:
-  * `sync_tp_grad`: the gradient is partial on each TP rank and must be summed over TP
-    (replicated weights that only see a sequence shard under SP). A (start, end) pair limits
-    this to those dim-0 rows (replicated kv heads inside a fused qkv weight);
-  * `init`: how the global tensor is initialized (normal | scaled | ones | zeros).
+Each parameter is tagged with `sharding.tag_param` (init kind, TP shard layout, TP-partial grads),
+which tells init, the training loop's grad sync and checkpoints what to do with it.
 """
 
 from __future__ import annotations
@@ -22,16 +19,12 @@ from megalite.parallel.mappings import (
     reduce_from_tp,
     reduce_scatter_to_sequence,
 )
-from megalite.parallel.sharding import TPShard, set_tp_shard
+from megalite.parallel.sharding import TPShard, tag_param
 from megalite.parallel.state import ParallelState
 
 
-def _param(*shape: int, device=None, dtype=None, init: str = "normal",
-           sync_tp_grad: bool | tuple[int, int] = False) -> nn.Parameter:
-    p = nn.Parameter(torch.empty(*shape, device=device, dtype=dtype))
-    p.init = init  # type: ignore[attr-defined]
-    p.sync_tp_grad = sync_tp_grad  # type: ignore[attr-defined]
-    return p
+def _empty(*shape: int, device=None, dtype=None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, device=device, dtype=dtype))
 
 
 class ColumnParallelLinear(nn.Module):
@@ -57,12 +50,10 @@ class ColumnParallelLinear(nn.Module):
             if not all(shard.is_replicated(i) for i in range(first, len(blocks))):
                 raise ValueError("replicated blocks must come last")
             sync = (sum(local[:first]), sum(local))
-        self.weight = _param(sum(local), in_features, device=device, dtype=dtype, init=init, sync_tp_grad=sync)
-        set_tp_shard(self.weight, shard)
+        self.weight = tag_param(_empty(sum(local), in_features, device=device, dtype=dtype), init, shard, sync)
         self.bias = None
         if bias:
-            self.bias = _param(sum(local), device=device, dtype=dtype, init="zeros", sync_tp_grad=sync)
-            set_tp_shard(self.bias, shard)
+            self.bias = tag_param(_empty(sum(local), device=device, dtype=dtype), "zeros", shard, sync)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.ps.tp_group
@@ -82,11 +73,11 @@ class RowParallelLinear(nn.Module):
         if in_features % ps.tp:
             raise ValueError(f"input size {in_features} is not divisible by tp={ps.tp}")
         self.ps = ps
-        self.weight = _param(out_features, in_features // ps.tp, device=device, dtype=dtype, init=init)
-        set_tp_shard(self.weight, TPShard(1, (in_features,)))
+        self.weight = tag_param(_empty(out_features, in_features // ps.tp, device=device, dtype=dtype), init,
+                                TPShard(1, (in_features,)))
         self.bias = None
         if bias:
-            self.bias = _param(out_features, device=device, dtype=dtype, init="zeros", sync_tp_grad=ps.sp)
+            self.bias = tag_param(_empty(out_features, device=device, dtype=dtype), "zeros", sync_tp_grad=ps.sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reduce_output(F.linear(x, self.weight))
@@ -115,8 +106,8 @@ class VocabParallelEmbedding(nn.Module):
         self.padded_vocab = padded_vocab_size(vocab_size, ps.tp, divisible_by)
         self.local_vocab = self.padded_vocab // ps.tp
         self.vocab_start = ps.tp_rank * self.local_vocab
-        self.weight = _param(self.local_vocab, hidden, device=device, dtype=dtype, init="normal")
-        set_tp_shard(self.weight, TPShard(0, (self.padded_vocab,), logical=vocab_size))
+        self.weight = tag_param(_empty(self.local_vocab, hidden, device=device, dtype=dtype), "normal",
+                                TPShard(0, (self.padded_vocab,), logical=vocab_size))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [batch, seq] -> embeddings [seq, batch, hidden] (sequence-sharded under SP)."""

@@ -5,6 +5,16 @@ TP size); `assemble_global` is its inverse over all ranks' slices (checkpoint lo
 offline tools), and `gather_full` runs that inverse after an all-gather. So a weight is created,
 saved and resharded by one definition. A fused weight (e.g. gate|up) is several blocks
 concatenated along the sharded dim; each block is split separately so rank r holds [gate_r, up_r].
+
+Every parameter is tagged once, where it is created (`tag_param`, `mark_tied_embedding`), with the
+metadata that init, grad sync, the optimizer and checkpoints read:
+  * `init`: how the global tensor is initialized (normal | scaled | ones | zeros);
+  * `tp_shard`: its `TPShard` layout (absent: replicated over TP);
+  * `sync_tp_grad`: the gradient is partial on each TP rank and must be summed over TP
+    (replicated weights that only see a sequence shard under SP). A (start, end) pair limits
+    this to those dim-0 rows (replicated kv heads inside a fused qkv weight);
+  * `tied_embedding` / `tied_to`: the input embedding and output head are one parameter; split over
+    a pipeline, the last stage holds a copy (`tied_to` names the parameter it duplicates).
 """
 
 from __future__ import annotations
@@ -33,6 +43,16 @@ class TPShard:
 
     def local_blocks(self, tp: int) -> list[int]:
         return [b if self.is_replicated(i) else b // tp for i, b in enumerate(self.blocks)]
+
+
+def tag_param(p: nn.Parameter, init: str, shard: TPShard | None = None,
+              sync_tp_grad: bool | tuple[int, int] = False) -> nn.Parameter:
+    """Attaches a parameter's metadata (see the module docstring); returns `p`."""
+    p.init = init  # type: ignore[attr-defined]
+    p.sync_tp_grad = sync_tp_grad  # type: ignore[attr-defined]
+    if shard is not None:
+        set_tp_shard(p, shard)
+    return p
 
 
 def set_tp_shard(p: nn.Parameter, shard: TPShard | None) -> None:
