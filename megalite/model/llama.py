@@ -23,7 +23,14 @@ from megalite.model.spec import loss_fn
 from megalite.parallel.layers import VocabParallelEmbedding, padded_vocab_size
 from megalite.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp
 from megalite.parallel.rng import RNGTracker
-from megalite.parallel.sharding import TPShard, get_tp_shard, split_for_rank, tag_param
+from megalite.parallel.sharding import (
+    TPShard,
+    get_tp_shard,
+    mark_tied_embedding,
+    split_for_rank,
+    tag_param,
+    tied_copy_of,
+)
 from megalite.parallel.state import ParallelState
 
 
@@ -41,6 +48,8 @@ class LlamaModel(nn.Module):
         if pre_process:
             self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ps,
                                                     cfg.make_vocab_size_divisible_by, device=device)
+            if cfg.tie_embeddings:
+                mark_tied_embedding(self.embedding.weight)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, ps, rng, device=device) for i in self.layer_ids})
         if post_process:
             self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_impl, partial_grad=ps.sp,
@@ -50,7 +59,8 @@ class LlamaModel(nn.Module):
                 # initialized from the same key and kept in sync by an all-reduce of the grads.
                 self.head = tag_param(nn.Parameter(torch.empty(self.local_vocab, cfg.hidden_size, device=device)),
                                       "normal", TPShard(0, (self.vocab_padded,), logical=cfg.vocab_size))
-                self.head.tied_to = "embedding.weight" if cfg.tie_embeddings else None  # type: ignore[attr-defined]
+                if cfg.tie_embeddings:
+                    mark_tied_embedding(self.head, copy_of="embedding.weight")
             self.loss = loss_fn(cfg.loss_impl)
         self.register_buffer("inv_freq", inv_frequencies(cfg).to(device), persistent=False)
 
@@ -69,7 +79,7 @@ class LlamaModel(nn.Module):
             if kind in ("ones", "zeros"):
                 p.fill_(1.0 if kind == "ones" else 0.0)
                 continue
-            key = getattr(p, "tied_to", None) or name
+            key = tied_copy_of(p) or name
             shard = get_tp_shard(p)
             shape = list(p.shape)
             if shard is not None:

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from megalite.parallel import comm
 from megalite.parallel.finalize import sync_tied_embedding_grads, sync_tp_partial_grads
+from megalite.parallel.sharding import is_tied_embedding
 from megalite.parallel.state import ParallelState
 
 
@@ -40,10 +41,7 @@ def needs_group_sync(module: nn.Module, name: str, p: nn.Parameter, ps: Parallel
     """True if finalize.py sums this parameter's grad over TP or the embedding group."""
     if getattr(p, "sync_tp_grad", False) is not False and ps.tp > 1:
         return True
-    cfg = getattr(module, "cfg", None)
-    tied = name.endswith("embedding.weight") or getattr(p, "tied_to", None)
-    return bool(ps.pp > 1 and tied and cfg is not None and cfg.tie_embeddings
-                and (ps.is_first_stage or ps.is_last_stage))
+    return is_tied_embedding(p) and ps.pp > 1 and (ps.is_first_stage or ps.is_last_stage)
 
 
 @dataclass

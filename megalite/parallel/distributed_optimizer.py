@@ -28,7 +28,7 @@ import torch.nn as nn
 from megalite.config import OptimConfig
 from megalite.parallel import comm
 from megalite.parallel.data_parallel import DataParallel, ParamSlot
-from megalite.parallel.sharding import get_tp_shard
+from megalite.parallel.sharding import get_tp_shard, is_tied_copy
 from megalite.parallel.state import ParallelState
 
 
@@ -50,7 +50,7 @@ class Piece:
 def _norm_ranges(p: nn.Parameter, ps: ParallelState) -> list[tuple[int, int]]:
     """Flat element ranges of `p` whose grads this rank counts in the global norm."""
     n = p.numel()
-    if getattr(p, "tied_to", None) and ps.pp > 1:
+    if is_tied_copy(p, ps):
         return []
     shard, sync = get_tp_shard(p), getattr(p, "sync_tp_grad", False)
     if shard is None or sync is True:  # replicated over TP

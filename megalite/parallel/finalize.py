@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from megalite.parallel.comm import all_reduce, group_size
+from megalite.parallel.sharding import is_tied_embedding
 from megalite.parallel.state import ParallelState
 
 
@@ -47,9 +48,8 @@ def sync_tied_embedding_grads(modules: Iterable[nn.Module], ps: ParallelState) -
         return
     grads = []
     for m in modules:
-        for name, p in m.named_parameters():
-            tied = name.endswith("embedding.weight") or getattr(p, "tied_to", None)
-            if tied and p.grad is not None and getattr(m, "cfg", None) is not None and m.cfg.tie_embeddings:
+        for p in m.parameters():
+            if is_tied_embedding(p) and p.grad is not None:
                 grads.append(p.grad)
     _coalesced_all_reduce(grads, ps.embedding_group)
 

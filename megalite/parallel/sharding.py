@@ -20,11 +20,15 @@ metadata that init, grad sync, the optimizer and checkpoints read:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from megalite.parallel.comm import all_gather_dim0
+
+if TYPE_CHECKING:
+    from megalite.parallel.state import ParallelState
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,30 @@ def tag_param(p: nn.Parameter, init: str, shard: TPShard | None = None,
     if shard is not None:
         set_tp_shard(p, shard)
     return p
+
+
+def mark_tied_embedding(p: nn.Parameter, copy_of: str | None = None) -> None:
+    """Marks the tied input embedding / output head: the embedding itself, or (`copy_of`: the global
+    name of the parameter it duplicates) the last pipeline stage's copy of it."""
+    p.tied_embedding = True  # type: ignore[attr-defined]
+    p.tied_to = copy_of  # type: ignore[attr-defined]
+
+
+def is_tied_embedding(p: torch.Tensor) -> bool:
+    """The embedding or its copy: split over a pipeline, their grads are summed over the embedding group."""
+    return bool(getattr(p, "tied_embedding", False))
+
+
+def tied_copy_of(p: torch.Tensor) -> str | None:
+    """For a tied embedding's copy, the name of the parameter it duplicates (and is initialized and
+    loaded as); None otherwise."""
+    return getattr(p, "tied_to", None)
+
+
+def is_tied_copy(p: torch.Tensor, ps: ParallelState) -> bool:
+    """A pipeline stage's copy of a tied embedding: after the grad sync it equals the embedding, so
+    the grad norm and checkpoints count the embedding only."""
+    return tied_copy_of(p) is not None and ps.pp > 1
 
 
 def set_tp_shard(p: nn.Parameter, shard: TPShard | None) -> None:

@@ -21,7 +21,14 @@ import torch
 import torch.nn as nn
 
 from megalite.config import ConfigError
-from megalite.parallel.sharding import TPShard, assemble_global, get_tp_shard, split_for_rank
+from megalite.parallel.sharding import (
+    TPShard,
+    assemble_global,
+    get_tp_shard,
+    is_tied_copy,
+    split_for_rank,
+    tied_copy_of,
+)
 from megalite.parallel.state import ParallelState
 from megalite.training.convert_hf import canonical_name
 
@@ -30,14 +37,13 @@ OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "master")
 
 def storage_key(name: str, p: nn.Parameter, ps: ParallelState) -> str | None:
     """The name a parameter is stored under; None for a tied head (stored as the embedding)."""
-    tied = getattr(p, "tied_to", None)
-    return None if tied and ps.pp > 1 else canonical_name(name)
+    return None if is_tied_copy(p, ps) else canonical_name(name)
 
 
 def load_key(name: str, p: nn.Parameter, ps: ParallelState, meta: dict) -> str:
     """The stored name a parameter loads from: its own, or for a tied head the embedding's. A TE
     parameter saved before names were canonical is found under its own TE name."""
-    key = storage_key(name, p, ps) or p.tied_to  # type: ignore[attr-defined]
+    key = storage_key(name, p, ps) or tied_copy_of(p)
     return name if key not in meta["params"] and name in meta["params"] else key
 
 
