@@ -32,16 +32,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from megalite.parallel import comm
-from megalite.parallel.finalize import sync_tied_embedding_grads, sync_tp_partial_grads
-from megalite.parallel.sharding import is_tied_embedding
+from megalite.parallel.finalize import group_syncs
 from megalite.parallel.state import ParallelState
-
-
-def needs_group_sync(module: nn.Module, name: str, p: nn.Parameter, ps: ParallelState) -> bool:
-    """True if finalize.py sums this parameter's grad over TP or the embedding group."""
-    if getattr(p, "sync_tp_grad", False) is not False and ps.tp > 1:
-        return True
-    return is_tied_embedding(p) and ps.pp > 1 and (ps.is_first_stage or ps.is_last_stage)
 
 
 @dataclass
@@ -83,8 +75,11 @@ class DataParallel:
         device = named[0][2].device
         # Reverse order approximates the order in which backward produces the grads.
         order = list(reversed(named))
-        regular = [(n, p) for m, n, p in order if not needs_group_sync(m, n, p, ps)]
-        late = [(n, p) for m, n, p in order if needs_group_sync(m, n, p, ps)]
+        regular = [(n, p) for _, n, p in order if not group_syncs(p, ps)]
+        late = [(n, p) for _, n, p in order if group_syncs(p, ps)]
+        # Late buckets are reduced after backward, so their order is free: whole TP-partial grads
+        # first, then partial rows, then the tied embedding, which keeps each group's ranges together.
+        late.sort(key=lambda e: [(g is not ps.tp_group, rows is not None) for rows, g in group_syncs(e[1], ps)])
         cap = max(1, int(bucket_size_mb * 2**20) // torch.empty((), dtype=self.dtype).element_size())
         self.buckets: list[Bucket] = []
         self.slots: list[ParamSlot] = []
@@ -116,6 +111,7 @@ class DataParallel:
                 p.grad = self._grad_view[id(p)]
                 self._bucket_of[id(p)] = b
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        self._group_syncs = self._plan_group_syncs()
         self._sync_enabled = True
         self._finished = False
         for m in chunks:
@@ -123,6 +119,29 @@ class DataParallel:
 
     def _padded(self, n: int) -> int:
         return -(-n // self.dp) * self.dp
+
+    def _plan_group_syncs(self) -> list[tuple[torch.Tensor, dist.ProcessGroup | None]]:
+        """The late buckets' group sums (finalize.group_syncs) as (grad-buffer view, group), in the
+        order every rank issues them (TP, then the embedding group). Late parameters sit next to
+        each other in the buffer, so ranges of one group that touch are merged: one in-place
+        all-reduce per run of parameters, no copies."""
+        order = [self.ps.tp_group, self.ps.embedding_group]
+        ranges: dict[int, list[list[int]]] = {}
+        for b in self.buckets:
+            for s in b.slots if b.late else ():
+                for rows, group in group_syncs(s.param, self.ps):
+                    if comm.group_size(group) == 1:
+                        continue
+                    lo, hi = s.start, s.end
+                    if rows is not None:
+                        row = s.numel // s.param.shape[0]
+                        lo, hi = s.start + rows[0] * row, s.start + rows[1] * row
+                    runs = ranges.setdefault(order.index(group), [])
+                    if runs and runs[-1][1] == lo:
+                        runs[-1][1] = hi
+                    else:
+                        runs.append([lo, hi])
+        return [(self.grad_data[lo:hi], order[k]) for k in sorted(ranges) for lo, hi in ranges[k] if lo < hi]
 
     # -- the per-step protocol ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -197,8 +216,8 @@ class DataParallel:
             if not b.late:
                 self._launch(b)  # buckets whose grads were not all produced in the last backward
         # Late buckets: sum their local grads over TP / the embedding group first (see module doc).
-        sync_tp_partial_grads(self.chunks, self.ps)
-        sync_tied_embedding_grads(self.chunks, self.ps)
+        for view, group in self._group_syncs:
+            comm.all_reduce(view, group)
         for b in self.buckets:
             if b.late:
                 self._launch(b)
