@@ -25,12 +25,10 @@ def _run(cfg: ModelConfig, autocast: bool = False, ps: ParallelState | None = No
         loss, grads = loss_and_grads(model)
     if ps.tp > 1:
         from megalite.parallel.finalize import finalize_grads
-        from megalite.parallel.sharding import gather_full, get_tp_shard
+        from megalite.testing import full_tensors
 
         finalize_grads([model], ps)
-        grads = {n: gather_full(p.grad, get_tp_shard(p), ps.tp_group, ps.tp) if get_tp_shard(p) else p.grad
-                 for n, p in model.named_parameters()}
-        return None, loss, grads
+        return None, loss, full_tensors(model, ps)
     return logits.detach(), loss, {n: g.clone() for n, g in grads.items()}
 
 

@@ -165,7 +165,7 @@ def test_te_model_computes_what_the_torch_model_does(monkeypatch):
 
 def _tp_worker(rank: int, world: int):
     from megalite.parallel.finalize import finalize_grads
-    from megalite.parallel.sharding import gather_full, get_tp_shard
+    from megalite.testing import full_tensors
     from tests.kernels import fake_te as fte
 
     fte.install_plain()
@@ -174,10 +174,7 @@ def _tp_worker(rank: int, world: int):
     model.init_weights(5)  # global tensors split by the TP metadata we attached to TE's params
     loss, _ = _loss_and_grads(model)
     finalize_grads([model], ps)
-    out = {}
-    for n, p in model.named_parameters():
-        shard = get_tp_shard(p)
-        out[n] = gather_full(p.grad, shard, ps.tp_group, ps.tp) if shard else p.grad.clone()
+    out = full_tensors(model, ps)
     calls = [(name, kw["tp_size"], kw["sequence_parallel"], kw["tp_group"] is ps.tp_group)
              for name, kw in fte.CALLS if name != "RMSNorm"]
     return loss, out, calls

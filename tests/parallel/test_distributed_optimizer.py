@@ -13,9 +13,8 @@ from megalite.config import ModelConfig, OptimConfig, ParallelConfig
 from megalite.model import LlamaModel
 from megalite.parallel.distributed_optimizer import BufferOptimizer, DistributedOptimizer, _merge
 from megalite.parallel.finalize import finalize_grads
-from megalite.parallel.sharding import gather_full, get_tp_shard
 from megalite.parallel.state import ParallelState, build_parallel_state
-from megalite.testing import run_distributed
+from megalite.testing import full_tensors, run_distributed
 
 CFG = ModelConfig(vocab_size=301, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   ffn_hidden_size=64, max_seq_len=32)
@@ -49,11 +48,7 @@ def _train(model: LlamaModel, opt: BufferOptimizer, ps: ParallelState, steps: in
 
 
 def _full_params(model: LlamaModel, ps: ParallelState) -> dict[str, torch.Tensor]:
-    out = {}
-    for n, p in model.named_parameters():
-        s = get_tp_shard(p)
-        out[n] = gather_full(p.detach(), s, ps.tp_group, ps.tp) if s else p.detach().clone()
-    return out
+    return full_tensors(model, ps, grad=False)
 
 
 def test_buffer_optimizer_matches_torch_adamw():

@@ -16,9 +16,8 @@ from megalite.model import LlamaModel
 from megalite.parallel.finalize import finalize_grads
 from megalite.parallel.pipeline import SCHEDULE_FNS, check_schedule, split_layers, stage_specs
 from megalite.parallel.pipeline import schedules as schedules_mod
-from megalite.parallel.sharding import gather_full, get_tp_shard
 from megalite.parallel.state import ParallelState, build_parallel_state
-from megalite.testing import run_distributed
+from megalite.testing import full_tensors, run_distributed
 
 BASE = ModelConfig(vocab_size=203, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
                    ffn_hidden_size=64, max_seq_len=16, norm_eps=1e-6)
@@ -69,12 +68,7 @@ def _num_tokens(mbs) -> float:
 
 
 def _grads(chunks, ps: ParallelState) -> dict[str, torch.Tensor]:
-    out = {}
-    for chunk in chunks:
-        for name, p in chunk.named_parameters():
-            shard = get_tp_shard(p)
-            out[name] = gather_full(p.grad, shard, ps.tp_group, ps.tp) if shard else p.grad.clone()
-    return out
+    return full_tensors(chunks, ps)
 
 
 class _Recording(schedules_mod._Steps):

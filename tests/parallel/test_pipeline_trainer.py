@@ -11,8 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megalite.parallel.sharding import gather_full, get_tp_shard
-from megalite.testing import run_distributed
+from megalite.testing import full_tensors, run_distributed
 from megalite.training.trainer import Trainer
 from tests.training.common import tiny_config
 
@@ -31,12 +30,9 @@ FULL_3D = ["parallel.tp=2", "parallel.pp=2", "parallel.sp=true", "parallel.vpp=2
 
 def _tied_weight(trainer: Trainer) -> torch.Tensor | None:
     """The full embedding (first stage) or tied head (last stage) after training."""
-    ps = trainer.ps
-    for chunk in trainer.chunks:
-        for name, p in chunk.named_parameters():
-            if name in ("embedding.weight", "head"):
-                return gather_full(p.detach(), get_tp_shard(p), ps.tp_group, ps.tp)
-    return None
+    tied = [(n, p) for c in trainer.chunks for n, p in c.named_parameters() if n in ("embedding.weight", "head")]
+    full = full_tensors(tied, trainer.ps, grad=False)
+    return full.get("embedding.weight", full.get("head"))
 
 
 def _train(run_dir: str, overrides: list[str]) -> dict:

@@ -11,9 +11,8 @@ from megalite.config import ModelConfig, ParallelConfig
 from megalite.model import LlamaModel
 from megalite.parallel.finalize import finalize_grads
 from megalite.parallel.rng import seed_everything
-from megalite.parallel.sharding import gather_full, get_tp_shard
 from megalite.parallel.state import ParallelState, build_parallel_state
-from megalite.testing import run_distributed
+from megalite.testing import full_tensors, run_distributed
 
 # vocab 1001 is divisible by neither 2 nor 4; kv heads 1 and 2 go below TP=2/4.
 BASE = ModelConfig(vocab_size=1001, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -56,11 +55,7 @@ def _run(model: LlamaModel, ps: ParallelState):
     loss = model(tokens, labels=labels, doc_ids=doc_ids)
     (loss.sum() / (labels != -100).sum()).backward()
     finalize_grads([model], ps)
-    grads = {}
-    for name, p in model.named_parameters():
-        shard = get_tp_shard(p)
-        grads[name] = gather_full(p.grad, shard, ps.tp_group, ps.tp) if shard else p.grad.clone()
-    return logits.detach(), loss.detach(), grads
+    return logits.detach(), loss.detach(), full_tensors(model, ps)
 
 
 def _reference(case: dict):
