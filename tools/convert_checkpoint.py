@@ -23,17 +23,17 @@ import _common
 import torch
 import yaml
 
+from megalite.checkpoint.dist import replace_path, saved_model_config
+from megalite.checkpoint.global_weights import load_global_weights, save_global_weights
 from megalite.config import Config, ConfigError
-from megalite.training.checkpoint import replace_path, saved_model_config
-from megalite.training.checkpoint_global import load_global_weights, save_global_weights
-from megalite.training.convert_hf import (
+from megalite.hf.convert import (
     hf_config_from_model,
     hf_to_megalite,
     megalite_to_hf,
     model_config_from_hf,
     model_yaml_section,
 )
-from megalite.training.hf_files import CONFIG, parse_size, read_hf_dir, write_hf_dir
+from megalite.hf.files import CONFIG, parse_size, read_hf_dir, write_hf_dir
 
 MODEL_YAML = "megalite_model.yaml"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

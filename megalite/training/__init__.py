@@ -1,1 +1,1 @@
-"""The pretraining loop: model building, the step, optimizer, checkpoints, metrics."""
+"""The loop shared by every stage: model building, the step, optimizer, precision, metrics."""

@@ -18,6 +18,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megalite.checkpoint.dist import (
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    wait_for_pending_save,
+)
 from megalite.config import Config, ConfigError
 from megalite.data import build_pretrain_datasets
 from megalite.data.sampler import get_micro_batch
@@ -36,12 +42,6 @@ from megalite.parallel.state import (
 )
 from megalite.training.batch import loss_token_count, make_micro_batch
 from megalite.training.build import build_model, check_step_schedule
-from megalite.training.checkpoint import (
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-    wait_for_pending_save,
-)
 from megalite.training.forward_backward import get_forward_backward
 from megalite.training.lr_schedule import lr_at
 from megalite.training.metrics import MetricsLogger, peak_flops

@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from megalite.checkpoint import dist as ckpt
+from megalite.checkpoint.global_weights import load_global_weights, save_global_weights
 from megalite.config import Config, ModelConfig, load_config
+from megalite.hf.convert import megalite_to_hf
 from megalite.model import LlamaModel
 from megalite.parallel.state import ParallelState
 from megalite.testing import run_distributed
-from megalite.training import checkpoint as ckpt
-from megalite.training.checkpoint_global import load_global_weights, save_global_weights
-from megalite.training.convert_hf import megalite_to_hf
 from megalite.training.trainer import Trainer
 from tests.training.common import TINY
 

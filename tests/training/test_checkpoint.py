@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from megalite.checkpoint import dist as ckpt
+from megalite.checkpoint import reshard as checkpoint_reshard
+from megalite.checkpoint.global_weights import load_global_weights, save_global_weights
+from megalite.checkpoint.names import canonical_name
 from megalite.config import Config, ConfigError, ModelConfig
 from megalite.model import LlamaModel
 from megalite.parallel.distributed_optimizer import BufferOptimizer
 from megalite.parallel.sharding import TPShard, assemble_global, split_for_rank
 from megalite.parallel.state import ParallelState
 from megalite.testing import run_distributed
-from megalite.training import checkpoint as ckpt
-from megalite.training import checkpoint_reshard
-from megalite.training.checkpoint_global import load_global_weights, save_global_weights
-from megalite.training.convert_hf import canonical_name
 from megalite.training.trainer import Trainer
 from tests.training.common import tiny_config
 
@@ -90,7 +90,7 @@ _KILLED_SAVE = """
 import sys, time, pathlib
 from tests.training.test_checkpoint import _tiny, _train
 from megalite.parallel.state import ParallelState
-from megalite.training import checkpoint as ckpt
+from megalite.checkpoint import dist as ckpt
 root = pathlib.Path(sys.argv[1])
 cfg, m, opt = _tiny()
 _train(m, opt)

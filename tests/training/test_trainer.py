@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from megalite.checkpoint import dist as ckpt
 from megalite.testing import run_distributed
-from megalite.training import checkpoint as ckpt
 from megalite.training import trainer as trainer_mod
 from megalite.training.precision import LossScaler
 from megalite.training.trainer import Trainer

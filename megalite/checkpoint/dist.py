@@ -34,9 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.atomic import atomic_write, atomic_write_text
-from megalite.config import Config, ConfigError, ModelConfig, RunError, section_from_dict
-from megalite.parallel.state import ParallelState
-from megalite.training.checkpoint_reshard import (
+from megalite.checkpoint.reshard import (
     OPTIM_KEYS,
     ShardReader,
     load_key,
@@ -45,6 +43,8 @@ from megalite.training.checkpoint_reshard import (
     merge_index,
     rank_payload,
 )
+from megalite.config import Config, ConfigError, ModelConfig, RunError, section_from_dict
+from megalite.parallel.state import ParallelState
 
 LATEST = "latest"
 METADATA = "meta.json"

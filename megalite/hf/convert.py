@@ -3,7 +3,7 @@
 megalite fuses q|k|v into `attn.qkv.weight` and gate|up into `mlp.gate_up.weight` (row blocks, in
 that order); everything else maps one to one. RoPE uses the same rotate-half convention as HF's
 LlamaModel, so q/k rows need no permutation. A tied head is stored only as the embedding on both
-sides. File reading/writing lives in `hf_files.py`; this module only maps names, shapes and config.
+sides. File reading/writing lives in `files.py`; this module only maps names, shapes and config.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from megalite.checkpoint.names import canonical_names
 from megalite.config import ConfigError, ModelConfig
 
 # HF names of one layer -> megalite names; q/k/v and gate/up are fused (handled separately).
@@ -23,13 +24,6 @@ _LAYER_RENAMES = {
 }
 _QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
 _GATE_UP = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
-# Transformer Engine layer-spec names (norms fused into LayerNormLinear / LayerNormMLP) -> ours.
-_TE_RENAMES = {
-    "attn.qkv.layer_norm_weight": "attn_norm.weight",
-    "mlp.te.layer_norm_weight": "mlp_norm.weight",
-    "mlp.te.fc1_weight": "mlp.gate_up.weight",
-    "mlp.te.fc2_weight": "mlp.down.weight",
-}
 # Buffers some older HF exports saved; recomputed from the config, so safe to drop.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -219,22 +213,6 @@ def _check_blocks(ts: list[torch.Tensor], parts: tuple[str, ...], i: int, m: Mod
         if tuple(t.shape) != (rows[p], h):
             raise ConfigError(f"{where}: tensor 'model.layers.{i}.{p}' has shape {list(t.shape)}, "
                               f"the config implies {[rows[p], h]}")
-
-
-def canonical_name(name: str) -> str:
-    """A parameter's name under the torch layer spec: TE's fused-module names mapped, others kept.
-    Checkpoints store parameters under these names, so either spec resumes the other's."""
-    if name.startswith("layers."):
-        idx, _, tail = name.removeprefix("layers.").partition(".")
-        if tail in _TE_RENAMES:
-            return f"layers.{idx}.{_TE_RENAMES[tail]}"
-    return name
-
-
-def canonical_names(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A checkpoint saved with the TE layer spec (before checkpoints stored canonical names), under
-    the torch spec's names (same tensors)."""
-    return {canonical_name(name): t for name, t in w.items()}
 
 
 def megalite_to_hf(w: dict[str, torch.Tensor], m: ModelConfig, where: str) -> dict[str, torch.Tensor]:

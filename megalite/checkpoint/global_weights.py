@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from megalite.atomic import atomic_write
-from megalite.config import Config, ConfigError
-from megalite.training.checkpoint import (
+from megalite.checkpoint.dist import (
     FORMAT,
     _commit,
     _rank_file,
@@ -23,7 +22,8 @@ from megalite.training.checkpoint import (
     resolve_checkpoint,
     step_dirs,
 )
-from megalite.training.checkpoint_reshard import ShardReader, global_weight
+from megalite.checkpoint.reshard import ShardReader, global_weight
+from megalite.config import Config, ConfigError
 
 
 def load_global_weights(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

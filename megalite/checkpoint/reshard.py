@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from megalite.checkpoint.names import canonical_name
 from megalite.config import ConfigError
 from megalite.parallel.sharding import (
     TPShard,
@@ -30,7 +31,6 @@ from megalite.parallel.sharding import (
     tied_copy_of,
 )
 from megalite.parallel.state import ParallelState
-from megalite.training.convert_hf import canonical_name
 
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "master")
 
