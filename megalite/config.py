@@ -117,6 +117,11 @@ class DataConfig:
     reset_at_eod: bool = True  # document masking: positions restart and attention stops at EOD
     eod_mask_loss: bool = False
     curriculum: list[Any] | None = None  # [{step: N, blend: {prefix: weight}}, ...]
+    # Post-training data (chat / preference shards written by tools/preprocess_data.py --mode ...).
+    loss_on: str = "all"  # all | last: the assistant turns whose tokens carry the SFT loss
+    packing: bool = True  # SFT: best-fit pack samples into seq_len rows (else one sample per row, padded)
+    overlong: str = "truncate"  # truncate | drop: a sample longer than seq_len
+    skip_bad_records: bool = False  # count and skip a sample whose loss mask is empty, instead of an error
 
 
 @dataclass
@@ -128,6 +133,9 @@ class CheckpointConfig:
     keep_pow2: bool = True  # additionally keep every 2^n-th step
     async_save: bool = False
     save_on_exit: bool = True  # at the end of training (a preemption or exit_interval stop always saves)
+    # Initialize from another run's (or an HF import's) weights: weights only, fresh optimizer,
+    # step 0. Used only when this run's own `dir` has no `latest`, so a relaunch resumes instead.
+    pretrained: str = ""
 
 
 @dataclass
@@ -150,6 +158,27 @@ class TrainConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0  # 0: LoRA off (full fine-tuning)
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["qkv", "o", "gate_up", "down"])
+
+
+@dataclass
+class GenerateConfig:
+    prompts: str = ""  # a text file (one prompt per line) or JSONL ({"prompt": ...} or {"messages": [...]})
+    output: str = ""  # JSONL completions; default: <run_dir>/generations.jsonl
+    chat: bool = False  # wrap text prompts in the chat template
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -157,6 +186,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
