@@ -17,6 +17,7 @@ to the end of render(messages[:i+1]).
 from __future__ import annotations
 
 import abc
+import datetime
 import json
 import re
 from collections.abc import Sequence
@@ -236,6 +237,8 @@ def _jinja_env():
                                         extensions=[GenerationBlock, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = raise_exception
+    # Llama-3.1-style templates print today's date into the system turn.
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     return env
 
 
