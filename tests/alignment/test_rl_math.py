@@ -394,3 +394,34 @@ def test_running_moments_merge_over_ranks():
     assert rm.count == len(allx)
     assert rm.mean == pytest.approx(allx.mean(), rel=1e-12)
     assert rm.std == pytest.approx(allx.std(), rel=1e-12)
+
+
+# ---- devices and dtypes ---------------------------------------------------------------------------
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_low_precision_inputs_on_device_match_float64(device):
+    """bf16 inputs and float masks on `device`: results stay on it, come out in float32 and agree with
+    the float64 CPU results on the same (bf16-rounded) numbers."""
+    g, mask, _ = _batch(b=5, t=9, seed=11)
+    lp = _fill(g, mask, 0.5, -2.0)
+    old = np.where(mask, lp + g.normal(0, 0.2, mask.shape), GARBAGE)
+    adv, v, ret = _fill(g, mask), _fill(g, mask), _fill(g, mask)
+    score = g.normal(0, 1, 5)
+    args64 = [torch.tensor(a).bfloat16().double() for a in (lp, old, adv, v, ret, score)]
+    argsdev = [a.bfloat16().to(device) for a in args64]
+    m64, mdev = torch.tensor(mask), torch.tensor(mask, dtype=torch.float32, device=device)
+
+    def run(a, m):
+        lp_, old_, adv_, v_, ret_, score_ = a
+        return [policy_loss(lp_, old_, adv_, m, 0.2, 0.28, "seq_mean_token_mean")[0],
+                value_loss(v_, old_, ret_, m, 0.2)[0], *gae(ret_, v_, m, 0.99, 0.95),
+                token_rewards(score_, lp_, old_, m, 0.1, "k3"), masked_whiten(adv_, m),
+                group_advantages(score_[:4], 2)]
+
+    for want, got in zip(run(args64, m64), run(argsdev, mdev)):
+        assert got.device.type == device and got.dtype == torch.float32
+        np.testing.assert_allclose(got.cpu().double().numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
