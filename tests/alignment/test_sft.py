@@ -30,8 +30,9 @@ def shard(tmp_path_factory) -> str:
 
 
 def _sft(run_dir: str, shard: str, *extra: str) -> list[dict]:
+    # One data cache for all ranks (one rank builds the index, the others wait for it), next to the shard.
     cfg = tiny_config(run_dir, f"train.train_steps={STEPS}", f"data.path={shard}", "data.split=100,0,0",
-                      f"data.cache_dir={run_dir}/cache", "train.seq_len=64", "model.max_seq_len=64", *extra)
+                      f"data.cache_dir={shard}_cache", "train.seq_len=64", "model.max_seq_len=64", *extra)
     return Trainer(cfg, SFTStage()).train()
 
 
