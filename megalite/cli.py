@@ -22,7 +22,12 @@ def _run(stage: str, config: str | None, overrides: list[str]) -> None:
 
         pretrain(cfg)
         return
-    raise ConfigError(f"stage '{stage}' is not available in this version of megalite (available: pretrain)")
+    if stage == "generate":
+        from megalite.generation.run import generate_stage
+
+        generate_stage(cfg)
+        return
+    raise ConfigError(f"stage '{stage}' is not available in this version of megalite (available: pretrain, generate)")
 
 
 def main(argv: list[str] | None = None) -> int:
