@@ -33,7 +33,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         probs = sorted_logits.softmax(-1)
         # Drop a token when the tokens ranked above it already hold top_p of the mass; the most
         # likely token is always kept.
-        drop = (probs.cumsum(-1) - probs) > top_p
+        drop = (probs.cumsum(-1) - probs) >= top_p
         drop[..., 0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return logits
