@@ -55,12 +55,12 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def render_prompt(tokenizer, record: dict[str, Any], chat: bool = False) -> list[int]:
+def render_prompt(tokenizer, record: dict[str, Any], chat: bool = False, tokenizer_model: str = "") -> list[int]:
     """A prompt record's token ids: text as is, or (messages, or text with `chat`) through the chat
-    template, ending where the assistant's answer begins."""
+    template followed by the assistant header, where the answer begins."""
     if "messages" in record or chat:
         messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
-        ids = render_chat(tokenizer, messages, record["where"])
+        ids = render_chat(tokenizer, messages, record["where"], tokenizer_model)
     else:
         ids = tokenizer.encode(record["prompt"])
     if not ids:
@@ -68,14 +68,17 @@ def render_prompt(tokenizer, record: dict[str, Any], chat: bool = False) -> list
     return ids
 
 
-def render_chat(tokenizer, messages: list[dict], where: str) -> list[int]:
-    # HOOK (chat template): megalite/data/chat.py is being written by the SFT-data work. Once it
-    # lands, render `messages` with its template plus the assistant header (generation prompt),
-    # exactly as SFT training formats them, and return the ids here.
+def render_chat(tokenizer, messages: list[dict], where: str, tokenizer_model: str = "") -> list[int]:
+    """HOOK (chat template): megalite/data/chat.py (the SFT data work) renders conversations the way
+    SFT shards are made; with the `auto` template (as preprocess_data.py's default) a prompt gets the
+    same markers training saw. Until that module is merged, chat prompts stop here with one line."""
     try:
-        from megalite.data import chat  # noqa: F401
+        from megalite.data.chat import BadRecord, encode_prompt, load_chat_template, parse_messages
     except ImportError:
         raise ConfigError(f"{where}: chat prompts need the chat template (megalite/data/chat.py), which is "
                           "not in this version; use plain text prompts") from None
-    raise ConfigError(f"{where}: chat prompts are not wired to megalite/data/chat.py yet "
-                      "(megalite/generation/prompts.py render_chat)")
+    try:
+        template = load_chat_template("auto", tokenizer, tokenizer_model)
+        return encode_prompt(template, tokenizer, parse_messages(messages))
+    except BadRecord as e:
+        raise ConfigError(f"{where}: {e}") from None

@@ -87,7 +87,7 @@ def run_generate(cfg: Config) -> list[dict] | None:
         raise ConfigError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the checkpoint's "
                           f"model.vocab_size {model_cfg.vocab_size}; check data.tokenizer_type/tokenizer_model")
     records = read_prompts(g.prompts)
-    prompts = [render_prompt(tokenizer, r, g.chat) for r in records]
+    prompts = [render_prompt(tokenizer, r, g.chat, cfg.data.tokenizer_model) for r in records]
     for r, p in zip(records, prompts):
         if len(p) + g.max_new_tokens > model_cfg.max_seq_len:
             raise ConfigError(f"{r['where']}: the prompt ({len(p)} tokens) plus generate.max_new_tokens "

@@ -229,7 +229,7 @@ def test_greedy_tokens_equal_transformers_generate(tmp_path, monkeypatch, capsys
 
 # -- the CLI ---------------------------------------------------------------------------------------
 
-BYTE = _cfg(vocab_size=261)  # the byte tokenizer's vocabulary
+BYTE = BASE  # larger than the byte tokenizer's vocabulary (as a padded model's may be)
 
 
 def _checkpoint(path: Path) -> LlamaModel:
@@ -280,7 +280,6 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         (("checkpoint.load=" + str(tmp_path / "none"), f"generate.prompts={tmp_path / 'p.txt'}"),
          "no checkpoint found at"),
         ((ck, f"generate.prompts={tmp_path / 'bad.jsonl'}"), "bad.jsonl:2: expected an object with"),
-        ((ck, f"generate.prompts={tmp_path / 'chat.jsonl'}"), "chat.jsonl:1: chat prompts"),
         ((ck, f"generate.prompts={tmp_path / 'p.txt'}", "parallel.pp=2"), "parallel.pp > 1"),
         ((ck, f"generate.prompts={tmp_path / 'p.txt'}", "parallel.tp=3"), "world size 1 is not divisible by tp*pp*cp"),
         ((ck, f"generate.prompts={tmp_path / 'p.txt'}", "generate.max_new_tokens=100"), "p.txt:1: the prompt"),
@@ -320,3 +319,28 @@ def test_cli_under_tp2_and_dp2_writes_what_one_process_does(tmp_path):
             torch.testing.assert_close(torch.tensor(r["logprobs"]), torch.tensor(s["logprobs"]), atol=1e-4, rtol=0)
     written = [json.loads(x) for x in (tmp_path / "two/generations.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in written] == [r["tokens"] for r in single]
+
+
+def test_cli_chat_prompts_use_the_sft_chat_template(tmp_path, capsys):
+    chat = pytest.importorskip("megalite.data.chat", reason="megalite/data/chat.py (SFT data) not merged yet")
+    from megalite.data.tokenizer import ByteTokenizer
+
+    model = _checkpoint(tmp_path / "ck")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+    (tmp_path / "p.txt").write_text("hi\n")
+    out = tmp_path / "out.jsonl"
+    for prompts, extra in (("chat.jsonl", []), ("p.txt", ["generate.chat=true"])):
+        assert _cli("checkpoint.load=" + str(tmp_path / "ck"), f"generate.prompts={tmp_path / prompts}",
+                    f"generate.output={out}", "generate.max_new_tokens=8", *extra) == 0, capsys.readouterr().err
+        tok = ByteTokenizer()
+        conv = messages if prompts == "chat.jsonl" else messages[1:]
+        ids = chat.encode_prompt(chat.load_chat_template("auto", tok), tok, conv)
+        assert ids[-1] != tok.encode("hi")[-1]  # ends with the assistant header, not the user's text
+        stop = sorted({tok.eos, *(tok.chat_tokens[t] for t in ("<|im_end|>", "<|eot_id|>") if t in tok.chat_tokens)})
+        expect = megalite.generate(model, [ids], 8, eos=stop)[0]
+        assert json.loads(out.read_text())["tokens"] == expect.tokens
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    assert _cli("checkpoint.load=" + str(tmp_path / "ck"), f"generate.prompts={tmp_path / 'bad.jsonl'}") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "bad.jsonl:1" in err, err
