@@ -10,7 +10,10 @@ row has.
 Under tensor parallelism every rank runs the same steps: each gathers the full logits over TP
 (`model.full_logits`), samples from the same seeded generator, and the tokens of the first TP rank
 are broadcast to the others, so the ranks feed the same tokens even if their logits differ in the
-last bit. Sequence parallelism and pipeline parallelism are not supported here.
+last bit. Under pipeline parallelism (one chunk per rank, no interleaving) each stage keeps the
+cache of its own layers and passes the step's hidden states on; the last stage samples and
+broadcasts the tokens to its pipeline, so every rank returns the same result. Sequence
+parallelism is not supported here (a decode step has one position to shard).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from megalite.config import ConfigError
 from megalite.generation.sampling import check_sampling, sample
 from megalite.model.kv_cache import KVCache
 from megalite.parallel.comm import broadcast
+from megalite.parallel.pipeline.p2p import PipelineComm
 
 
 class Generation(NamedTuple):
@@ -35,9 +39,11 @@ class Generation(NamedTuple):
 
 def check_model(model) -> None:
     ps = model.ps
-    if ps.pp > 1 or not (model.pre_process and model.post_process):
-        raise ConfigError("generation with parallel.pp > 1 is not supported yet; use parallel.pp=1 "
-                          "(tensor parallelism works)")
+    if ps.vpp > 1:
+        raise ConfigError("generation with parallel.vpp > 1 (interleaved pipeline) is not supported; use vpp=1")
+    if (model.pre_process, model.post_process) != (ps.is_first_stage, ps.is_last_stage):
+        raise ConfigError(f"this model chunk (pre_process={model.pre_process}, post_process={model.post_process}) "
+                          f"is not pipeline stage {ps.pp_rank} of {ps.pp}; generation needs the whole pipeline")
     if ps.sp:
         raise ConfigError("generation runs without sequence parallelism; build the model with parallel.sp=false")
 
@@ -95,19 +101,28 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     eos_ids = torch.tensor(_eos_ids(eos), dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     tp_src = ps.rank - ps.tp_rank  # global rank of TP rank 0 (TP ranks are adjacent)
+    hidden_dtype = next(model.parameters()).dtype  # what crosses pipeline stages
 
     cache = None
     if use_cache:
         cache = KVCache(model.layer_ids, b, total, device)
         cache.valid.copy_(valid)
 
-    def next_logits(end: int, new: int) -> torch.Tensor:
-        """Logits [b, V] after position end-1, feeding the last `new` positions (all with no cache)."""
-        if cache is not None:
-            sl = slice(end - new, end)
-            return model.full_logits(tokens[:, sl], position_ids=positions[:, sl], kv_cache=cache)[:, -1]
-        return model.full_logits(tokens[:, :end], position_ids=positions[:, :end],
-                                 doc_ids=None if doc_ids is None else doc_ids[:, :end])[:, -1]
+    def next_logits(end: int, new: int) -> torch.Tensor | None:
+        """Logits [b, V] after position end-1, feeding the last `new` positions (all with no cache);
+        None on a pipeline stage other than the last, which sends its hidden states on instead."""
+        sl = slice(end - new, end) if cache is not None else slice(0, end)
+        kw = dict(position_ids=positions[:, sl], kv_cache=cache,
+                  doc_ids=None if doc_ids is None or cache is not None else doc_ids[:, sl])
+        ids = tokens[:, sl] if model.pre_process else None
+        if ps.pp == 1:
+            return model.full_logits(ids, **kw)[:, -1]
+        comm = PipelineComm(ps, (sl.stop - sl.start, b, cfg.hidden_size), hidden_dtype, device)
+        hidden = comm.recv_forward()
+        if model.post_process:
+            return model.full_logits(ids, hidden=hidden, **kw)[:, -1]
+        comm.send_forward(model(ids, hidden=hidden, **kw).to(hidden_dtype))
+        return None
 
     out_tokens = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
     out_logps = torch.zeros(b, max_new_tokens, dtype=torch.float64, device=device)
@@ -115,9 +130,12 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     stop_at = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
     logits = next_logits(plen, plen)
     for step in range(max_new_tokens):
-        tok, logp = sample(logits, temperature, top_k, top_p, generator)
-        picked = torch.stack([tok.double(), logp.double()])  # token ids are exact in float64
-        broadcast(picked, tp_src, ps.tp_group)
+        picked = torch.zeros(2, b, dtype=torch.float64, device=device)  # token ids are exact in float64
+        if logits is not None:
+            tok, logp = sample(logits, temperature, top_k, top_p, generator)
+            picked = torch.stack([tok.double(), logp.double()])
+            broadcast(picked, tp_src, ps.tp_group)
+        broadcast(picked, ps.pp_ranks[-1], ps.pp_group)  # from the last stage to the whole pipeline
         tok, logp = picked[0].long(), picked[1]
         out_tokens[:, step], out_logps[:, step] = tok, logp
         hit = torch.isin(tok, eos_ids) & ~done

@@ -15,10 +15,11 @@ import torch
 
 from megalite.checkpoint.dist import read_metadata, resolve_checkpoint, saved_model_config
 from megalite.checkpoint.reshard import ShardReader, load_key, load_weight
-from megalite.config import ConfigError, ModelConfig
+from megalite.config import ConfigError, ModelConfig, ParallelConfig
 from megalite.model import LlamaModel
 from megalite.model.rope import inv_frequencies
 from megalite.model.spec import check_impls
+from megalite.parallel.pipeline import stage_specs
 from megalite.parallel.state import ParallelState, resolve_device
 
 # ModelConfig fields that choose implementations, not the architecture.
@@ -52,9 +53,12 @@ def cast_model(model: LlamaModel, dtype: torch.dtype | None) -> LlamaModel:
 
 
 def build_inference_model(model_cfg: ModelConfig, step_dir: Path, meta: dict, ps: ParallelState,
-                          dtype: torch.dtype | None = None) -> LlamaModel:
+                          dtype: torch.dtype | None = None, par: ParallelConfig | None = None) -> LlamaModel:
+    """This rank's part of the model (its pipeline stage's layers under `par.pp` > 1), loaded."""
     check_impls(model_cfg, ps.device)
-    model = LlamaModel(model_cfg, ps, device=ps.device)
+    (spec,) = stage_specs(model_cfg.num_layers, par or ParallelConfig(), ps.pp_rank)
+    model = LlamaModel(model_cfg, ps, layer_ids=spec.layer_ids, pre_process=spec.pre_process,
+                       post_process=spec.post_process, device=ps.device)
     load_weights(model, step_dir, meta, ps)
     return cast_model(model, dtype).eval()
 

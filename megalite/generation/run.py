@@ -2,8 +2,8 @@
 
 The model section comes from the checkpoint (its saved architecture); the run config supplies the
 layer spec, the parallel layout, the tokenizer (`data.tokenizer_type/_model`), the device and
-precision (`train.*`) and the `generate` section. Under torchrun every rank generates: the TP ranks
-of a replica together, the DP replicas each a share of the batches; rank 0 writes
+precision (`train.*`) and the `generate` section. Under torchrun every rank generates: the TP and PP
+ranks of a replica together, the DP replicas each a share of the batches; rank 0 writes
 `generate.output` (default `<run_dir>/generations.jsonl`) atomically, one line per prompt in order:
 {"prompt", "completion", "tokens", "logprobs"}.
 """
@@ -25,6 +25,7 @@ from megalite.data.tokenizer import build_tokenizer
 from megalite.generation.generator import generate
 from megalite.generation.loading import SPEC_FIELDS, build_inference_model, read_checkpoint
 from megalite.generation.prompts import read_prompts, render_prompt
+from megalite.parallel.pipeline import split_layers
 from megalite.parallel.state import (
     build_parallel_state,
     check_layout,
@@ -75,11 +76,12 @@ def run_generate(cfg: Config) -> list[dict] | None:
     for f in SPEC_FIELDS:
         setattr(model_cfg, f, getattr(cfg.model, f))
     par = dataclasses.replace(cfg.parallel, sp=False)  # decoding feeds one position: nothing to shard
-    if par.pp > 1:
-        raise ConfigError("generate does not support parallel.pp > 1 yet; use parallel.tp (and DP) instead")
+    if par.vpp > 1:
+        raise ConfigError("generate does not support parallel.vpp > 1 (interleaved pipeline); use vpp=1")
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     dp = data_parallel_size(par, world)
     check_layout(model_cfg, par, TrainConfig(seq_len=1, micro_batch_size=1, global_batch_size=dp), world)
+    split_layers(model_cfg.num_layers, par.pp, par.vpp, par.pp_layer_split)  # the stages must fit
     device = resolve_device(cfg.train.device)
     dtype = _dtype(cfg.train.precision, device)
     tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
@@ -96,7 +98,7 @@ def run_generate(cfg: Config) -> list[dict] | None:
 
     init_distributed(device)
     ps = build_parallel_state(par, device)
-    model = build_inference_model(model_cfg, step_dir, meta, ps, dtype)
+    model = build_inference_model(model_cfg, step_dir, meta, ps, dtype, par)
     eos = _stop_ids(tokenizer, g.chat or any("messages" in r for r in records))
     start = time.time()
     mine: dict[int, list] = {}
@@ -110,7 +112,7 @@ def run_generate(cfg: Config) -> list[dict] | None:
             mine[lo + i] = gen
     if ps.world_size > 1:
         parts: list = [None] * ps.world_size
-        dist.all_gather_object(parts, mine if ps.tp_rank == 0 else {})
+        dist.all_gather_object(parts, mine if ps.tp_rank == 0 and ps.is_last_stage else {})
         for part in parts:
             mine.update(part)
     if ps.rank != 0:

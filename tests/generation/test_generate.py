@@ -151,9 +151,13 @@ def test_bad_arguments_are_one_line_errors():
     sp = LlamaModel(BASE, ParallelState(sp=True))
     with pytest.raises(ConfigError, match="sequence parallelism"):
         megalite.generate(sp, PROMPTS, 4)
-    stage = LlamaModel(BASE, ParallelState(pp=2), layer_ids=[0], post_process=False)
-    with pytest.raises(ConfigError, match="parallel.pp > 1"):
-        megalite.generate(stage, PROMPTS, 4)
+    with pytest.raises(ConfigError, match="parallel.vpp > 1"):
+        megalite.generate(LlamaModel(BASE, ParallelState(pp=2, vpp=2)), PROMPTS, 4)
+    stage = LlamaModel(BASE, ParallelState(pp=2), layer_ids=[0], post_process=False)  # stage 0 of 2
+    with pytest.raises(ConfigError, match="is not pipeline stage 1 of 2"):
+        megalite.generate(LlamaModel(BASE, ParallelState(pp=2, pp_rank=1), layer_ids=[0], post_process=False),
+                          PROMPTS, 4)
+    assert stage.pre_process and not stage.post_process
 
 
 # -- tensor parallelism ----------------------------------------------------------------------------
@@ -194,6 +198,41 @@ def test_tp2_generates_what_tp1_does(tmp_path):
         assert logits.shape == (1, len(PROMPTS[2]), loaded.vocab_padded)
         torch.testing.assert_close(logits[..., : BASE.vocab_size], ref.full_logits(ids), atol=1e-5, rtol=0)
     _same(megalite.generate(loaded, PROMPTS, 10), megalite.generate(ref, PROMPTS, 10))
+
+
+PP_VARIANTS = {"gqa": {}, "tied": {"tie_embeddings": True}}
+
+
+def _pp_worker(rank: int, world: int) -> dict:
+    from megalite.parallel.pipeline import stage_specs
+
+    par = ParallelConfig(pp=world)
+    ps = build_parallel_state(par)
+    out = {}
+    for name, kw in PP_VARIANTS.items():
+        cfg = _cfg(num_layers=3, **kw)
+        (spec,) = stage_specs(cfg.num_layers, par, ps.pp_rank)
+        model = LlamaModel(cfg, ps, layer_ids=spec.layer_ids, pre_process=spec.pre_process,
+                           post_process=spec.post_process)
+        model.init_weights(3)  # seeded by global parameter name: the same model as one process
+        model.eval()
+        out[name] = (megalite.generate(model, PROMPTS, 10), megalite.generate(model, PROMPTS, 10, **SAMPLING),
+                     megalite.generate(model, PROMPTS, 6, use_cache=False))
+    return out
+
+
+@pytest.mark.slow
+def test_pp2_generates_what_one_process_does():
+    results = run_distributed(_pp_worker, 2)
+    for name, kw in PP_VARIANTS.items():
+        ref = LlamaModel(_cfg(num_layers=3, **kw), ParallelState())
+        ref.init_weights(3)
+        ref.eval()
+        expect = (megalite.generate(ref, PROMPTS, 10), megalite.generate(ref, PROMPTS, 10, **SAMPLING),
+                  megalite.generate(ref, PROMPTS, 6, use_cache=False))
+        for res in results:  # every stage returns the tokens and log-probs
+            for got, want in zip(res[name], expect):
+                _same(got, want)
 
 
 # -- transformers ----------------------------------------------------------------------------------
@@ -280,7 +319,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         (("checkpoint.load=" + str(tmp_path / "none"), f"generate.prompts={tmp_path / 'p.txt'}"),
          "no checkpoint found at"),
         ((ck, f"generate.prompts={tmp_path / 'bad.jsonl'}"), "bad.jsonl:2: expected an object with"),
-        ((ck, f"generate.prompts={tmp_path / 'p.txt'}", "parallel.pp=2"), "parallel.pp > 1"),
+        ((ck, f"generate.prompts={tmp_path / 'p.txt'}", "parallel.vpp=2"), "parallel.vpp > 1"),
         ((ck, f"generate.prompts={tmp_path / 'p.txt'}", "parallel.tp=3"), "world size 1 is not divisible by tp*pp*cp"),
         ((ck, f"generate.prompts={tmp_path / 'p.txt'}", "generate.max_new_tokens=100"), "p.txt:1: the prompt"),
     ]
@@ -310,9 +349,9 @@ def test_cli_under_tp2_and_dp2_writes_what_one_process_does(tmp_path):
     (tmp_path / "p.txt").write_text("hello\nab\nxyz\n")
     args = (str(tmp_path / "ck"), str(tmp_path / "p.txt"))
     single = _cli_worker(0, 1, *args, str(tmp_path / "one"), [[]])[0]
-    # TP2, then two DP replicas splitting the batches.
-    ranks = run_distributed(_cli_worker, 2, *args, str(tmp_path / "two"), [["parallel.tp=2"], []])
-    assert ranks[1] == [None, None]  # rank 0 writes
+    # TP2, two DP replicas splitting the batches, then two pipeline stages.
+    ranks = run_distributed(_cli_worker, 2, *args, str(tmp_path / "two"), [["parallel.tp=2"], [], ["parallel.pp=2"]])
+    assert ranks[1] == [None, None, None]  # rank 0 writes
     for records in ranks[0]:
         assert [r["tokens"] for r in records] == [r["tokens"] for r in single]
         for r, s in zip(records, single):
