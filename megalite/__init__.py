@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 # The Python API (DESIGN.md contract 6), imported on first use so `import megalite` stays light.
-_LAZY = {"generate": "megalite.generation", "load_model": "megalite.generation"}
+_LAZY = {"generate": "megalite.generation", "load_model": "megalite.generation", "Generation": "megalite.generation"}
 
 
 def __getattr__(name: str):

@@ -87,7 +87,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     if total > cfg.max_seq_len:
         raise ConfigError(f"the longest prompt ({plen} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
                           f"model.max_seq_len {cfg.max_seq_len}")
-    device = model.head_weight().device
+    device = next(model.parameters()).device
     # Left-padded token buffer for prompts and answers; padding ids are 0 and never attended to.
     tokens = torch.zeros(b, total, dtype=torch.long, device=device)
     valid = torch.ones(b, total, dtype=torch.bool, device=device)
