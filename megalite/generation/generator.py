@@ -44,6 +44,8 @@ def check_model(model) -> None:
     if (model.pre_process, model.post_process) != (ps.is_first_stage, ps.is_last_stage):
         raise ConfigError(f"this model chunk (pre_process={model.pre_process}, post_process={model.post_process}) "
                           f"is not pipeline stage {ps.pp_rank} of {ps.pp}; generation needs the whole pipeline")
+    if getattr(model, "scores", False):
+        raise ConfigError("generation needs a language-model head; this model has model.output_head=score")
     if ps.sp:
         raise ConfigError("generation runs without sequence parallelism; build the model with parallel.sp=false")
 

@@ -151,6 +151,8 @@ def test_bad_arguments_are_one_line_errors():
     sp = LlamaModel(BASE, ParallelState(sp=True))
     with pytest.raises(ConfigError, match="sequence parallelism"):
         megalite.generate(sp, PROMPTS, 4)
+    with pytest.raises(ConfigError, match="output_head=score"):
+        megalite.generate(LlamaModel(_cfg(output_head="score"), ParallelState()), PROMPTS, 4)
     with pytest.raises(ConfigError, match="parallel.vpp > 1"):
         megalite.generate(LlamaModel(BASE, ParallelState(pp=2, vpp=2)), PROMPTS, 4)
     stage = LlamaModel(BASE, ParallelState(pp=2), layer_ids=[0], post_process=False)  # stage 0 of 2
@@ -332,7 +334,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def _cli_worker(rank: int, world: int, ck: str, prompts: str, run: str, layouts: list[list[str]]) -> list:
-    from megalite.generation.run import run_generate
+    from megalite.generation.cli import run_generate
 
     out = []
     for layout in layouts:

@@ -131,7 +131,8 @@ def run_generate(cfg: Config) -> list[dict] | None:
     return out
 
 
-def generate_stage(cfg: Config) -> None:
+def run(cfg: Config) -> None:
+    """The `generate` stage of `megalite.cli`."""
     try:
         run_generate(cfg)
     finally:
