@@ -67,14 +67,25 @@ def _eos_ids(eos: int | Iterable[int] | None) -> list[int]:
     return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
 
 
-@torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos: int | Iterable[int] | None = None, *,
              use_cache: bool = True) -> list[Generation]:
     """New tokens and their log-probs for each prompt (token-id lists), in order; see the module doc.
     `use_cache=False` recomputes the whole sequence at every step (a reference and a benchmark
     baseline; same tokens). Sampling draws from one generator seeded with `seed` for the batch:
-    the same call gives the same tokens; a prompt's sample depends on the rest of its batch."""
+    the same call gives the same tokens; a prompt's sample depends on the rest of its batch.
+    The model runs in eval mode (no dropout) and gets its own mode back, so a training loop can
+    roll out from the model it trains."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, use_cache)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, use_cache) -> list[Generation]:
     check_model(model)
     check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:

@@ -79,6 +79,15 @@ def test_every_step_is_the_argmax_of_a_plain_forward_on_the_sequence_so_far():
                                atol=1e-4, rtol=0)
 
 
+def test_a_training_model_generates_without_dropout_and_keeps_its_mode():
+    cfg = _cfg(hidden_dropout=0.5, attention_dropout=0.5)
+    model = _model(cfg)
+    expect = megalite.generate(model, PROMPTS, 8)
+    model.train()
+    _same(megalite.generate(model, PROMPTS, 8), expect, atol=0)
+    assert model.training and all(m.training for m in model.modules())
+
+
 def test_batch_of_different_lengths_equals_each_prompt_alone():
     model = _model(_cfg(qk_norm=True))
     batch = megalite.generate(model, PROMPTS, 15)
