@@ -116,10 +116,7 @@ def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, e
     tp_src = ps.rank - ps.tp_rank  # global rank of TP rank 0 (TP ranks are adjacent)
     hidden_dtype = next(model.parameters()).dtype  # what crosses pipeline stages
 
-    cache = None
-    if use_cache:
-        cache = KVCache(model.layer_ids, b, total, device)
-        cache.valid.copy_(valid)
+    cache = KVCache(model.layer_ids, valid) if use_cache else None
 
     def next_logits(end: int, new: int) -> torch.Tensor | None:
         """Logits [b, V] after position end-1, feeding the last `new` positions (all with no cache);

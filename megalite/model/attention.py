@@ -131,7 +131,8 @@ class Attention(nn.Module):
     def _cached_core(self, q, k, v, kv_cache: LayerKVCache) -> torch.Tensor:
         """Inference: attend the new positions to the cached prefix plus themselves (SDPA on every
         backend: decoding reads the cache, a [b, heads, len, d] view SDPA takes as it is)."""
-        k, v, mask = kv_cache.update(k, v)
+        k, v, mask, causal = kv_cache.update(k, v)
         q = q.permute(1, 2, 0, 3)  # [b, heads, s, d]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=q.shape[1] != k.shape[1])
         return out.permute(2, 0, 1, 3)

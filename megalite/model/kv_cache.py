@@ -25,9 +25,10 @@ class LayerKVCache:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def update(self, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
         """k, v [s, b, heads, d] of the new positions -> (keys, values [b, heads, length + s, d],
-        boolean mask [b, 1, s, length + s]) for SDPA."""
+        boolean mask [b, 1, s, length + s] or None, is_causal) for SDPA."""
         c = self.parent
         s, b, h, d = k.shape
         if self.k is None:
@@ -36,31 +37,37 @@ class LayerKVCache:
         end = c.length + s
         self.k[:, :, c.length: end] = k.permute(1, 2, 0, 3)
         self.v[:, :, c.length: end] = v.permute(1, 2, 0, 3)
-        return self.k[:, :, :end], self.v[:, :, :end], c.mask
+        return self.k[:, :, :end], self.v[:, :, :end], c.mask, c.causal
 
 
 class KVCache:
     """The cache of one model chunk: a `LayerKVCache` per layer id, the filled length and the mask.
 
-    The model calls `begin(s)` before its layers (it builds the step's mask once for all layers)
-    and `advance(s)` after them; `valid[:, :length]` must be set for the slots being written
-    (the generator marks prompt padding before the prefill; decoded slots are valid)."""
+    `valid` [batch, max_len] marks the slots that hold real tokens (False for left padding). The
+    model calls `begin(s)` before its layers (the step's mask is built once for all layers) and
+    `advance(s)` after them. Without padding, a prefill is plain causal attention and a one-token
+    step attends to everything cached, so no mask is built and SDPA may pick its fastest kernel."""
 
-    def __init__(self, layer_ids: list[int], batch: int, max_len: int, device: torch.device | str) -> None:
-        self.max_len, self.length = max_len, 0
+    def __init__(self, layer_ids: list[int], valid: torch.Tensor) -> None:
+        self.valid = valid.bool()
+        self.max_len, self.length = valid.shape[1], 0
+        self.padded = not bool(self.valid.all())
         self.layers = {i: LayerKVCache(self) for i in layer_ids}
-        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
         self.mask: torch.Tensor | None = None
+        self.causal = False
 
     def begin(self, s: int) -> None:
         if self.length + s > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} positions; {self.length} + {s} do not fit")
+        self.mask, self.causal = None, False
+        if not self.padded and (s == 1 or self.length == 0):
+            self.causal = s > 1
+            return
         end = self.length + s
         q = torch.arange(self.length, end, device=self.valid.device).unsqueeze(1)  # query slots [s, 1]
         kv = torch.arange(end, device=self.valid.device).unsqueeze(0)  # key slots [1, end]
-        causal = kv <= q
-        self.mask = ((causal & self.valid[:, None, :end]) | (kv == q)).unsqueeze(1)  # [b, 1, s, end]
+        self.mask = (((kv <= q) & self.valid[:, None, :end]) | (kv == q)).unsqueeze(1)  # [b, 1, s, end]
 
     def advance(self, s: int) -> None:
         self.length += s
-        self.mask = None
+        self.mask, self.causal = None, False

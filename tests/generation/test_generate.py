@@ -17,6 +17,7 @@ from megalite.checkpoint import dist as ckpt
 from megalite.config import Config, ConfigError, ModelConfig, ParallelConfig, load_config
 from megalite.generation.sampling import filter_logits
 from megalite.model import LlamaModel
+from megalite.model.kv_cache import KVCache
 from megalite.parallel.state import ParallelState, build_parallel_state
 from megalite.testing import run_distributed
 
@@ -64,6 +65,19 @@ def test_kv_cache_equals_full_recomputation(variant):
         logp = F.log_softmax(model.full_logits(torch.tensor([PROMPTS[0]]))[0, -1], -1)
     assert cached[0].tokens[0] == int(logp.argmax())
     assert cached[0].logprobs[0] == pytest.approx(float(logp.max()), abs=1e-5)
+
+
+def test_cache_filled_in_chunks_equals_one_forward():
+    model = _model(_cfg(num_kv_heads=1))
+    ids = torch.tensor([PROMPTS[2] + PROMPTS[0]])  # 14 tokens
+    chunks = ((0, 5), (5, 8), (8, 9), (9, 14))  # a prefill, a chunk after it (masked), one token, a chunk
+    with torch.no_grad():
+        full = model.full_logits(ids)
+        cache = KVCache(model.layer_ids, torch.ones(1, 16, dtype=torch.bool))
+        got = [model.full_logits(ids[:, a:b], position_ids=torch.arange(a, b)[None], kv_cache=cache)[:, -1]
+               for a, b in chunks]
+    assert cache.length == 14
+    torch.testing.assert_close(torch.cat(got), full[0, [b - 1 for _, b in chunks]], atol=1e-5, rtol=0)
 
 
 def test_every_step_is_the_argmax_of_a_plain_forward_on_the_sequence_so_far():
