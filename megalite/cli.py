@@ -16,6 +16,9 @@ STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "generate")
 def _run(stage: str, config: str | None, overrides: list[str]) -> None:
     from megalite.config import ConfigError, load_config
 
+    if config is None and not any(o.startswith("model.") for o in overrides):
+        raise ConfigError("no --config given: the built-in default model is Llama-7B-sized; pass a config, e.g. "
+                          "--config examples/configs/tiny.yaml (or set model.* overrides)")
     cfg = load_config(config, overrides)
     if stage == "pretrain":
         from megalite.training.trainer import pretrain
@@ -30,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--config", "-c", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # argparse would only say that `overrides` (which may be empty) is required
+        parser.print_help(sys.stderr)
+        return 2
     args = parser.parse_intermixed_args(argv)
     from megalite.config import ConfigError, RunError
 

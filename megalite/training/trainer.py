@@ -18,12 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megalite.checkpoint.dist import (
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-    wait_for_pending_save,
-)
+from megalite.checkpoint.dist import save_checkpoint, wait_for_pending_save
 from megalite.config import Config, ConfigError
 from megalite.data import build_pretrain_datasets
 from megalite.data.sampler import get_micro_batch
@@ -48,6 +43,7 @@ from megalite.training.metrics import MetricsLogger, peak_flops
 from megalite.training.optimizer import build_optimizer
 from megalite.training.precision import LossScaler, make_autocast, resolve_precision
 from megalite.training.preemption import PreemptionGuard
+from megalite.training.resume import finished_message, resume_or_initialize
 
 
 @dataclass
@@ -168,18 +164,13 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def _maybe_resume(self) -> None:
-        load = self.cfg.checkpoint.load
-        if not load:
-            return
-        path = self.ckpt_dir if load == "auto" else Path(load)
-        if load == "auto" and resolve_checkpoint(path) is None:
-            return
-        meta = load_checkpoint(path, self.chunks, self.optimizer, self.ps, self.cfg, self.rng)
-        self.state = TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"])
-        if self.scaler.enabled and self.scaler.dynamic and "loss_scaler" in meta:
-            self.scaler.load_state_dict(meta["loss_scaler"])  # a static loss_scale keeps the configured value
+        meta, where = resume_or_initialize(self)  # own latest > checkpoint.load > pretrained > scratch
+        if meta is not None:
+            self.state = TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"])
+            if self.scaler.enabled and self.scaler.dynamic and "loss_scaler" in meta:
+                self.scaler.load_state_dict(meta["loss_scaler"])  # a static loss_scale keeps the configured value
         if self.is_logger:
-            print(f"resumed from {resolve_checkpoint(path)} at step {self.state.step}", flush=True)
+            print(where, flush=True)
 
     def save(self) -> Path:
         extra = {"consumed_samples": self.state.consumed_samples}
@@ -195,6 +186,8 @@ class Trainer:
         history: list[dict] = []
         tokens_per_step = t.global_batch_size * t.seq_len
         start_step = self.state.step
+        if start_step >= t.train_steps and self.is_logger:
+            print(finished_message(start_step, t.train_steps, self.ckpt_dir), flush=True)
         try:
             while self.state.step < t.train_steps:
                 start = time.time()
