@@ -7,7 +7,6 @@ corrupt files) end with one `error: ...` line and exit code 2, never a traceback
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "generate")
@@ -39,20 +38,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_intermixed_args(argv)
     from megalite.config import ConfigError, RunError
+    from megalite.launcher import exit_with_parent, launched_by_torchrun, print_error
 
+    if launched_by_torchrun():
+        exit_with_parent()  # a killed torchrun must not leave ranks training on as orphans
     try:
         _run(args.stage, args.config, args.overrides)
     except ConfigError as e:
-        rank = os.environ.get("RANK", "0")
-        if rank == "0" or os.environ.get("WORLD_SIZE", "1") == "1":
-            print(f"error: {e}", file=sys.stderr)
+        print_error(str(e))
         return 2
     except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e))
         return 1
     except FileNotFoundError as e:
-        print(f"error: file not found: {e.filename or e}", file=sys.stderr)
+        print_error(f"file not found: {e.filename or e}")
         return 2
+    except OSError as e:  # e.g. a read-only or full run dir: the path and the OS reason
+        print_error(f"{e.filename}: {e.strerror}" if e.filename else f"{e.strerror or e}")
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

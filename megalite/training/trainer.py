@@ -38,12 +38,14 @@ from megalite.parallel.state import (
 from megalite.training.batch import loss_token_count, make_micro_batch
 from megalite.training.build import build_model, check_step_schedule
 from megalite.training.forward_backward import get_forward_backward
+from megalite.training.guards import DivergenceGuard
 from megalite.training.lr_schedule import lr_at
 from megalite.training.metrics import MetricsLogger, peak_flops
 from megalite.training.optimizer import build_optimizer
 from megalite.training.precision import LossScaler, make_autocast, resolve_precision
 from megalite.training.preemption import PreemptionGuard
 from megalite.training.resume import finished_message, resume_or_initialize
+from megalite.training.run_dir import drop_rows_after, lock_run_dir
 
 
 @dataclass
@@ -90,10 +92,12 @@ class Trainer:
         # What the scaler unscales and checks (nothing when it is off); parameters are never replaced.
         self.scaled_params = [p for c in self.chunks for p in c.parameters()] if self.scaler.enabled else []
         self.state = TrainState()
+        self.divergence = DivergenceGuard(self.precision, self.cfg.checkpoint.dir or Path(t.run_dir) / "checkpoints")
         self.ckpt_dir = Path(cfg.checkpoint.dir or Path(t.run_dir) / "checkpoints")
         self.flops_per_token = flops_per_token(m, t.seq_len)
         self.peak = peak_flops(self.device, "fp8" if self.precision == "fp8" else self.precision)
         self.is_logger = self.ps.rank == 0
+        self.run_lock = lock_run_dir(t.run_dir, self.ps.rank, self.ps.world_size, self.device)
         self.metrics = MetricsLogger(t.run_dir, t.train_steps, self.is_logger, t.progress_bar)
         self._maybe_resume()
         if self.is_logger:
@@ -171,6 +175,7 @@ class Trainer:
                 self.scaler.load_state_dict(meta["loss_scaler"])  # a static loss_scale keeps the configured value
         if self.is_logger:
             print(where, flush=True)
+            drop_rows_after(self.metrics.path, self.state.step)  # rows of steps this run will redo
 
     def save(self) -> Path:
         extra = {"consumed_samples": self.state.consumed_samples}
@@ -210,27 +215,34 @@ class Trainer:
                 if self.state.step % t.log_interval == 0 or self.state.step == t.train_steps or "eval_loss" in rec:
                     self.metrics.log(rec)
                     self.metrics.console(self.state.step, rec)
+                self.divergence.check(self.state.step, loss, grad_norm)  # raises: nothing new is saved
+                if self.metrics.failed:  # e.g. disk full: save what still fits, then stop with the reason
+                    guard.fail(self.metrics.failed)
                 stop = guard.should_stop(self.device) or bool(t.exit_interval and self.state.step % t.exit_interval == 0)
                 if stop or (ck.save_interval and self.state.step % ck.save_interval == 0):
                     path = self.save()
                     if self.is_logger:  # an async save's failure is raised by the next save or at the end
                         print(f"{'saving' if ck.async_save else 'saved'} checkpoint {path}", flush=True)
                 if stop:
+                    line = guard.stop_line(self.state.step)  # raises after a fault
                     if self.is_logger:
-                        print(f"stopped cleanly after step {self.state.step} "
-                              f"({'preemption signal' if guard.requested else 'exit_interval'})", flush=True)
+                        print(line, flush=True)
                     break
             else:
                 # Only if this run trained: a finished run launched again must not rewrite its checkpoint.
                 ran = self.state.step > start_step
                 if ck.save_on_exit and ran and not (ck.save_interval and self.state.step % ck.save_interval == 0):
-                    self.save()
+                    path = self.save()
+                    if self.is_logger:
+                        print(f"{'saving' if ck.async_save else 'saved'} checkpoint {path}", flush=True)
         finally:
             try:
                 wait_for_pending_save()  # an async save must be committed (or its failure raised) first
             finally:
                 guard.restore()
                 self.metrics.close()
+                if self.run_lock is not None:
+                    self.run_lock.release()
         return history
 
 
