@@ -11,6 +11,7 @@ normalization, unk/bos/eos = 0/1/2, no pad). `hf-bpe`: a byte-level BPE in a HF 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -82,6 +83,11 @@ def main() -> int:
         raise ValueError(f"--vocab-size {args.vocab_size} is too small (byte fallback alone needs 256 + specials)")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     texts = iter_texts(args.input, args.json_key, args.max_docs)
+    first = next(texts, None)  # no text at all would end in SentencePiece's INTERNAL error
+    if first is None:
+        raise ValueError(f"no text to train on: {', '.join(args.input)} holds no non-empty string under "
+                         f"--json-key {args.json_key}")
+    texts = itertools.chain([first], texts)
     if args.type == "sentencepiece":
         train_sentencepiece(texts, args.vocab_size, args.output, args.threads)
     else:

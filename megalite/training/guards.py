@@ -51,3 +51,23 @@ class DivergenceGuard:
         except ConfigError:
             latest = None
         return f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved before it"
+
+
+def check_train_split(train_ds, cfg) -> None:
+    """An empty train split (an empty shard, a split weight of 0, or fewer tokens than one sample)
+    is one line saying which and why, not a TypeError at the first batch."""
+    if train_ds is not None and len(train_ds) > 0:
+        return
+    d, seq = cfg.data, cfg.train.seq_len
+    path = d.path or "the default corpus"
+    detail = ""
+    if isinstance(d.path, str) and d.path:
+        from megalite.data.indexed import IndexedDataset
+
+        try:
+            shard = IndexedDataset(d.path)
+            detail = f"the shard holds {shard.num_documents} documents, {shard.num_tokens} tokens; "
+        except Exception:  # noqa: BLE001 - the dataset builder has already reported unreadable shards
+            pass
+    raise ConfigError(f"data.path {path}: the train split is empty ({detail}data.split '{d.split}' must leave "
+                      f"it at least one sample of train.seq_len+1 = {seq + 1} tokens)")

@@ -38,7 +38,7 @@ from megalite.parallel.state import (
 from megalite.training.batch import loss_token_count, make_micro_batch
 from megalite.training.build import build_model, check_step_schedule
 from megalite.training.forward_backward import get_forward_backward
-from megalite.training.guards import DivergenceGuard
+from megalite.training.guards import DivergenceGuard, check_train_split
 from megalite.training.lr_schedule import lr_at
 from megalite.training.metrics import MetricsLogger, peak_flops
 from megalite.training.optimizer import build_optimizer
@@ -85,6 +85,7 @@ class Trainer:
             datasets = build_pretrain_datasets(cfg.data, t.seq_len, t.seed, self.tokenizer, num_samples=wanted,
                                                global_batch_size=t.global_batch_size)[:2]
         self.train_ds, self.valid_ds = datasets
+        check_train_split(self.train_ds, cfg)
         self.chunks = build_model(cfg, self.ps, self.rng, schedule_checked=True)
         self.optimizer = build_optimizer(self.chunks, cfg, self.ps)
         self.forward_backward = get_forward_backward(self.ps, cfg.parallel)
