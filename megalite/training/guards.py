@@ -56,8 +56,8 @@ class DivergenceGuard:
 def check_train_split(train_ds, cfg) -> None:
     """An empty train split (an empty shard, a split weight of 0, or fewer tokens than one sample)
     is one line saying which and why, not a TypeError at the first batch."""
-    if train_ds is not None and len(train_ds) > 0:
-        return
+    if train_ds is not None and (not hasattr(train_ds, "__len__") or len(train_ds) > 0):
+        return  # (a stage's streaming dataset has no length to check)
     d, seq = cfg.data, cfg.train.seq_len
     path = d.path or "the default corpus"
     detail = ""

@@ -78,6 +78,7 @@ class Trainer:
                               f"{self.tokenizer.vocab_size}")
         init_distributed(self.device)
         self.ps: ParallelState = build_parallel_state(cfg.parallel, self.device)
+        self.run_lock = lock_run_dir(t.run_dir, self.ps.rank, self.ps.world_size, self.device)  # one run per dir
         self.autocast = make_autocast(self.precision, self.device, t.fp8_recipe, self.ps.tp_dp_group)
         self.rng = seed_everything(t.seed, self.ps.tp_rank, self.ps.pp_rank, self.device)
         self.train_ds, self.valid_ds = datasets if datasets is not None else self.stage.build_datasets(self)
@@ -94,7 +95,6 @@ class Trainer:
         self.flops_per_token = flops_per_token(m, t.seq_len)
         self.peak = peak_flops(self.device, "fp8" if self.precision == "fp8" else self.precision)
         self.is_logger = self.ps.rank == 0
-        self.run_lock = lock_run_dir(t.run_dir, self.ps.rank, self.ps.world_size, self.device)
         self.metrics = MetricsLogger(t.run_dir, t.train_steps, self.is_logger, t.progress_bar)
         self._maybe_resume()
         if self.is_logger:
