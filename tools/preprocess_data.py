@@ -55,6 +55,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _refuse_empty(stats, inputs: list[str], keys: list[str]) -> None:
+    """Empty shards are never a success: remove them and say why nothing was written."""
+    import os
+
+    for out in stats.outputs:
+        for ext in (".bin", ".idx"):
+            if os.path.exists(out + ext):
+                os.remove(out + ext)
+    if stats.skipped:
+        why = (f"all {stats.skipped:,} records were skipped as malformed (e.g. {stats.skipped_examples[0]}); "
+               f"check --json-keys {' '.join(keys)} and the input format")
+    elif stats.docs:
+        why = f"its {stats.docs:,} documents hold no text under --json-keys {' '.join(keys)}"
+    else:
+        why = "the input holds no records"
+    raise ValueError(f"no tokens written from {', '.join(inputs)}: {why}")
+
+
 def main() -> int:
     args = parse_args()
     from megalite.data.preprocess import preprocess
@@ -67,6 +85,8 @@ def main() -> int:
                        args.append_eod, args.workers, args.partitions, args.strict, not args.no_progress,
                        int(args.chunk_mb * (1 << 20)), args.mode, args.chat_template, args.skip_bad_records)
     print(stats.summary())
+    if stats.docs == 0 or sum(stats.tokens.values()) == 0:
+        _refuse_empty(stats, inputs, args.json_keys)
     for out in stats.outputs:
         print(f"wrote {out}.bin and {out}.idx")
     return 0

@@ -13,6 +13,7 @@ chat template, see docs/sft_data.md).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -88,6 +89,11 @@ def main() -> int:
         raise ValueError(f"--vocab-size {args.vocab_size} is too small (byte fallback alone needs 256 + specials)")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     texts = iter_texts(args.input, args.json_key, args.max_docs)
+    first = next(texts, None)  # no text at all would end in SentencePiece's INTERNAL error
+    if first is None:
+        raise ValueError(f"no text to train on: {', '.join(args.input)} holds no non-empty string under "
+                         f"--json-key {args.json_key}")
+    texts = itertools.chain([first], texts)
     if args.type == "sentencepiece":
         train_sentencepiece(texts, args.vocab_size, args.output, args.threads)
     else:
