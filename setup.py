@@ -26,7 +26,11 @@ setup(
     install_requires=["numpy", "pyyaml", "safetensors", "sentencepiece", "tokenizers", "tiktoken",
                       "zstandard", "pyarrow", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "ruff", "triton>=3.0", "transformers"],
+        "test": ["pytest", "pytest-timeout", "ruff", "triton>=3.0", "transformers", "tensorboard==2.21.0"],
+        # `megalite eval` runs without it; the lm-evaluation-harness adapter needs it (heavy: datasets,
+        # pandas, scikit-learn), so CI skips those tests unless it is installed.
+        "eval": ["lm-eval==0.4.13"],
+        "logging": ["tensorboard==2.21.0", "wandb==0.31.0"],
         "triton": ["triton>=3.0"],
     },
     entry_points={"console_scripts": ["megalite=megalite.cli:main"]},

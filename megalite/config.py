@@ -181,6 +181,26 @@ class GenerateConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = False  # TensorBoard event files (needs the tensorboard package)
+    tensorboard_dir: str = ""  # default: <run_dir>/tensorboard
+    wandb_project: str = ""  # set: log to Weights & Biases (needs the wandb package)
+    wandb_entity: str = ""
+    wandb_name: str = ""  # default: <run dir name>-<stage>
+    wandb_mode: str = ""  # online | offline | disabled; empty: wandb's default (WANDB_MODE)
+
+
+@dataclass
+class EvalConfig:
+    path: Any = ""  # shard prefix(es) to score whole; empty: the data section's held-out split
+    split: str = "valid"  # valid | test: which held-out split of data.path when eval.path is empty
+    jsonl: str = ""  # a JSONL file of texts to score instead of shards
+    text_key: str = "text"
+    max_samples: int = 0  # 0: every window (shards) or every text (JSONL)
+    output: str = ""  # the JSON result; default: <run_dir>/eval.json
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -190,6 +210,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -338,6 +360,7 @@ _RANGES: dict[str, dict[str, str]] = {
     "lora": {"rank": _NONNEG, "alpha": _POS, "dropout": _PROB},
     "generate": {"max_new_tokens": _NONNEG, "temperature": _NONNEG, "top_k": _NONNEG, "top_p": _POS,
                  "seed": _NONNEG, "batch_size": _POS},
+    "eval": {"max_samples": _NONNEG},
 }
 
 
