@@ -19,6 +19,7 @@ and continuation are encoded separately and joined, the continuation's tokens sc
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -47,6 +48,10 @@ class MegaliteLM(LM):
         if self.tokenizer.vocab_size > model_cfg.vocab_size:
             raise ConfigError(f"the tokenizer's vocabulary ({self.tokenizer.vocab_size}) is larger than the "
                               f"checkpoint's model.vocab_size {model_cfg.vocab_size}")
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line asks for cuda by default; like its HF model, run where we can.
+            print(f"megalite lm-eval model: device {device} is not available, using cpu", file=sys.stderr)
+            device = "cpu"
         dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         want = dtype or ("bf16" if dev.type == "cuda" else "fp32")
         if want not in ("fp32", "bf16", "float32", "bfloat16"):
