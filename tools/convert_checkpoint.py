@@ -7,6 +7,8 @@ hf -> megalite writes a weights-only checkpoint (`step_00000000`, `latest`) that
 loads (Adam starts fresh), plus `megalite_model.yaml`, the `model:` section to train it with.
 megalite -> hf reads a step directory or a checkpoint root (its `latest`) and writes config.json
 and model.safetensors (sharded above --max-shard-size) for `LlamaForCausalLM.from_pretrained`.
+--merge-lora reads a LoRA (adapter-only) checkpoint and its base, folds W += alpha/r * B @ A into
+the base weights, and writes them as HF (--to hf) or as a plain megalite checkpoint (--to megalite).
 The output appears atomically: everything is written into a temp dir that is then renamed.
 """
 
@@ -25,6 +27,7 @@ import yaml
 
 from megalite.checkpoint.dist import replace_path, saved_model_config
 from megalite.checkpoint.global_weights import load_global_weights, save_global_weights
+from megalite.checkpoint.lora import merged_global_weights
 from megalite.config import Config, ConfigError
 from megalite.hf.convert import (
     hf_config_from_model,
@@ -53,14 +56,25 @@ def hf_to_megalite_dir(src: Path, dst: Path, dtype: str) -> str:
     return f"{len(weights)} tensors -> {step_dir.name}, {MODEL_YAML}"
 
 
-def megalite_to_hf_dir(src: Path, dst: Path, dtype: str, max_shard_bytes: int) -> str:
-    meta, weights = load_global_weights(src)
+def megalite_to_hf_dir(src: Path, dst: Path, dtype: str, max_shard_bytes: int, merge: bool = False) -> str:
+    meta, weights = merged_global_weights(src) if merge else load_global_weights(src)
     where = f"{src} (step {meta.get('step')})"
     model = saved_model_config(meta, where)
     hf = megalite_to_hf(_cast(weights, dtype), model, where)
     config = hf_config_from_model(model, hf["model.embed_tokens.weight"].dtype, where)
     files = write_hf_dir(dst, config, hf, max_shard_bytes)
     return f"step {meta.get('step')}: {len(weights)} tensors -> {CONFIG}, {', '.join(files)}"
+
+
+def merged_megalite_dir(src: Path, dst: Path, dtype: str) -> str:
+    """A LoRA checkpoint merged into its base, as a weights-only megalite checkpoint (like an HF import)."""
+    meta, weights = merged_global_weights(src)
+    model = saved_model_config(meta, f"{src} (step {meta.get('step')})")
+    step_dir = save_global_weights(dst, int(meta["step"]), _cast(weights, dtype), Config(model=model),
+                                   {"merged_from": str(src)})
+    header = f"# megalite model section for the LoRA-merged weights of {src}\n"
+    (dst / MODEL_YAML).write_text(header + yaml.safe_dump(model_yaml_section(model), sort_keys=False))
+    return f"{len(weights)} tensors (LoRA merged) -> {step_dir.name}, {MODEL_YAML}"
 
 
 def write_atomically(output: Path, overwrite: bool, fill: Callable[[Path], str]) -> str:
@@ -90,16 +104,23 @@ def main() -> None:
                     help="dtype of the written weights (auto: as stored in the input)")
     ap.add_argument("--max-shard-size", default="5GB", help="HF output: split model.safetensors above this size")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    ap.add_argument("--merge-lora", action="store_true",
+                    help="--input is a LoRA checkpoint: fold its adapters into its base before writing")
     args = ap.parse_args()
-    if args.src_fmt == args.dst_fmt:
+    if args.merge_lora and args.src_fmt != "megalite":
+        raise ConfigError("--merge-lora reads a megalite LoRA checkpoint: use --from megalite")
+    if args.src_fmt == args.dst_fmt and not args.merge_lora:
         raise ConfigError(f"--from and --to are both '{args.src_fmt}'; nothing to convert")
-    if args.src_fmt == "hf":
+    if args.merge_lora and args.dst_fmt == "megalite":
+        summary = write_atomically(args.output, args.overwrite, lambda d: merged_megalite_dir(args.input, d, args.dtype))
+    elif args.src_fmt == "hf":
         summary = write_atomically(args.output, args.overwrite,
                                    lambda d: hf_to_megalite_dir(args.input, d, args.dtype))
     else:
         shard_bytes = parse_size(args.max_shard_size)
         summary = write_atomically(args.output, args.overwrite,
-                                   lambda d: megalite_to_hf_dir(args.input, d, args.dtype, shard_bytes))
+                                   lambda d: megalite_to_hf_dir(args.input, d, args.dtype, shard_bytes,
+                                                                args.merge_lora))
     print(f"converted {args.input} ({args.src_fmt}) -> {args.output} ({args.dst_fmt}): {summary}")
 
 
