@@ -29,6 +29,7 @@ from megalite.config import (
 from megalite.data.tokenizer import build_tokenizer
 from megalite.model import LlamaModel
 from megalite.model.lora import apply_lora, check_lora_config, lora_param_count
+from megalite.parallel.comm import count_comm
 from megalite.parallel.distributed_optimizer import BufferOptimizer
 from megalite.parallel.finalize import finalize_grads
 from megalite.parallel.lora import is_adapter
@@ -69,15 +70,25 @@ def _lora_model(ps: ParallelState, lora: LoraConfig | None = None) -> LlamaModel
     return model
 
 
-def _loss_and_adapter_grads(ps: ParallelState):
-    model = _lora_model(ps)
+def _forward_backward(model: LlamaModel) -> tuple[torch.Tensor, dict[str, int]]:
+    """The loss, and the collectives its forward and backward issued (before any grad sync)."""
     tokens = torch.randint(0, MODEL.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
-    loss = model(tokens, labels=tokens.roll(-1, dims=1)).sum()
-    loss.backward()
+    with count_comm() as cc:
+        loss = model(tokens, labels=tokens.roll(-1, dims=1)).sum()
+        loss.backward()
+    return loss, dict(cc.calls)
+
+
+def _loss_and_adapter_grads(ps: ParallelState):
+    """(loss, adapter grads, collectives of the LoRA model, collectives of its plain base)."""
+    model = _lora_model(ps)
+    loss, calls = _forward_backward(model)
     finalize_grads([model], ps)
     assert all(p.grad is None for p in model.parameters() if not is_adapter(p)), "the base must stay frozen"
     adapters = [(n, p) for n, p in model.named_parameters() if is_adapter(p)]
-    return float(loss), full_tensors(adapters, ps)
+    base = LlamaModel(MODEL, ps)
+    base.init_weights(5)
+    return loss.item(), full_tensors(adapters, ps), calls, _forward_backward(base)[1]
 
 
 def _model_tp_worker(rank: int, world: int):
@@ -86,11 +97,15 @@ def _model_tp_worker(rank: int, world: int):
 
 @pytest.mark.slow
 def test_tp2_adapter_grads_match_tp1():
-    ref_loss, ref_grads = _loss_and_adapter_grads(ParallelState())
-    assert len(ref_grads) == 2 * 2 * MODEL.num_layers and all(g.abs().sum() > 0 for g in ref_grads.values())
+    ref_loss, ref_grads, _, _ = _loss_and_adapter_grads(ParallelState())
+    assert len(ref_grads) == 4 * 2 * MODEL.num_layers and all(g.abs().sum() > 0 for g in ref_grads.values())
     for per_rank in run_distributed(_model_tp_worker, 2):
-        for (loss, grads), name in zip(per_rank, ("tp2", "tp2-sp"), strict=True):
+        for (loss, grads, calls, base_calls), name in zip(per_rank, ("tp2", "tp2-sp"), strict=True):
             assert loss == pytest.approx(ref_loss, rel=1e-5), name
+            # The adapters ride on the layers' own TP collectives: not one more in forward or backward
+            # (one fewer: with the embedding frozen, no gradient flows back into the first layer's input).
+            assert calls.keys() == base_calls.keys() and sum(calls.values()) > 0, name
+            assert all(calls[k] <= base_calls[k] for k in calls), (name, calls, base_calls)
             assert grads.keys() == ref_grads.keys()
             for k in grads:
                 torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=f"{name}: {k}")
