@@ -110,7 +110,7 @@ class Trainer:
             total = param_count(m)
             trainable = lora_param_count(m, cfg.lora) if cfg.lora.rank else total
             print(f"megalite pretrain | {self.ps.describe()} | params {total / 1e6:.1f}M, trainable "
-                  f"{trainable / 1e6:.3f}M | optimizer state/rank "
+                  f"{trainable:,} ({100 * trainable / total:.2f}%) | optimizer state/rank "
                   f"{self.optimizer.memory_report()['measured_optimizer'] / 2**20:.2f} MiB | "
                   f"precision {self.precision} | micro-batches/step {self.num_micro} | "
                   f"start step {self.state.step}", flush=True)
