@@ -10,24 +10,46 @@ import argparse
 import os
 import sys
 
-STAGES = ("pretrain", "sft", "rm", "dpo", "ppo", "generate")
+# stage -> "module:function(cfg)"; imported only when run, so `megalite --help` stays fast.
+STAGES = {
+    "pretrain": "megalite.training.trainer:pretrain",
+    "sft": "megalite.alignment.sft:run",
+    "rm": "megalite.alignment.rm:run",
+    "dpo": "megalite.alignment.dpo:run",
+    "ppo": "megalite.alignment.ppo:run",
+    "grpo": "megalite.alignment.grpo:run",
+    "generate": "megalite.generation.cli:run",
+    "eval": "megalite.evaluation:run",
+}
 
 
 def _run(stage: str, config: str | None, overrides: list[str]) -> None:
+    import importlib
+
     from megalite.config import ConfigError, load_config
 
     cfg = load_config(config, overrides)
-    if stage == "pretrain":
-        from megalite.training.trainer import pretrain
+    if not _exists(STAGES[stage]):
+        available = ", ".join(s for s, target in STAGES.items() if _exists(target))
+        raise ConfigError(f"stage '{stage}' is not available in this version of megalite "
+                          f"(available: {available})")
+    module, fn = STAGES[stage].split(":")
+    getattr(importlib.import_module(module), fn)(cfg)
 
-        pretrain(cfg)
-        return
-    raise ConfigError(f"stage '{stage}' is not available in this version of megalite (available: pretrain)")
+
+def _exists(target: str) -> bool:
+    import importlib.util
+
+    module = target.split(":")[0]
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megalite", description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("stage", choices=list(STAGES))
     parser.add_argument("--config", "-c", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_intermixed_args(argv)

@@ -57,6 +57,8 @@ class ModelConfig:
     mlp_impl: str = "torch"  # torch | triton | te
     linear_impl: str = "torch"  # torch | te
     loss_impl: str = "torch"  # torch | triton | fused_linear
+    # lm: next-token logits / losses; score: one scalar per position (reward model, PPO critic).
+    output_head: str = "lm"
 
     @property
     def kv_heads(self) -> int:

@@ -111,7 +111,7 @@ def _pp_worker(rank: int, world: int, cases: list[dict]):
         try:
             mbs = _micro_batches(case["m"])
             fn = SCHEDULE_FNS[par.pipeline_schedule]
-            loss = fn(chunks, mbs, ps, num_tokens=_num_tokens(mbs), forward_only=case.get("forward_only", False),
+            loss = fn(chunks, mbs, ps, num_units=_num_tokens(mbs), forward_only=case.get("forward_only", False),
                       no_sync=_NoSync)
         finally:
             schedules_mod._Steps = steps_cls
@@ -121,7 +121,7 @@ def _pp_worker(rank: int, world: int, cases: list[dict]):
             grads = _grads(chunks, ps)
         else:
             assert all(p.grad is None for c in chunks for p in c.parameters())
-        results.append(dict(loss=loss, grads=grads, events=events, pp_rank=ps.pp_rank, tp_rank=ps.tp_rank))
+        results.append(dict(loss=loss["loss"], grads=grads, events=events, pp_rank=ps.pp_rank, tp_rank=ps.tp_rank))
     return results
 
 
