@@ -52,8 +52,8 @@ def check_lora_config(lora: LoraConfig, model: ModelConfig | None = None, pretra
         raise ConfigError("lora.rank > 0 needs checkpoint.pretrained: the base weights the adapters train on")
     if model is not None:
         if model.linear_impl != "torch":
-            raise ConfigError(f"LoRA wraps the torch projections; model.linear_impl={model.linear_impl} is not "
-                              "supported with lora.rank > 0")
+            raise ConfigError(f"LoRA wraps the torch projections; model.linear_impl={model.linear_impl} (also what "
+                              "train.precision=fp8 selects) is not supported with lora.rank > 0")
         if model.mlp_impl == "te" and {"gate_up", "down"} & set(lora.targets):
             raise ConfigError("lora.targets gate_up/down need model.mlp_impl torch or triton (te fuses the MLP)")
 

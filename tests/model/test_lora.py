@@ -187,6 +187,13 @@ LAYOUTS = {"tp2": ["parallel.tp=2", "checkpoint.save_on_exit=true"], "tp2-sp": [
            "dp2-zero1": ["parallel.distributed_optimizer=true"], "pp2": ["parallel.pp=2"]}
 
 
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||. Adam moves an element whose grad is near zero by ~lr whatever the grad's
+    size, so float noise between layouts can flip a single element by ~lr after a few steps; a
+    layout bug (a missing TP sum, misplaced rows) moves whole tensors."""
+    return float((a - b).norm() / b.norm())
+
+
 def _layout_worker(rank: int, world: int, run_dir: str, base: str):
     return [_run(_lora_cfg(f"{run_dir}/{name}", Path(base), f"train.train_steps={STEPS}", *extra))
             for name, extra in LAYOUTS.items()]
@@ -215,6 +222,7 @@ def test_only_adapters_train_and_the_optimizer_holds_only_them(reference, base_c
 def test_tp2_pp2_and_zero1_training_match_tp1(tmp_path, reference, base_ckpt):
     per_rank = run_distributed(_layout_worker, 2, str(tmp_path), str(base_ckpt))
     pp_keys: set[str] = set()
+    tp2_values = per_rank[0][0]["values"]
     for results in per_rank:
         for name, r in zip(LAYOUTS, results, strict=True):
             assert r["loss"] == pytest.approx(reference["loss"], rel=1e-5), name
@@ -226,20 +234,17 @@ def test_tp2_pp2_and_zero1_training_match_tp1(tmp_path, reference, base_ckpt):
                 if k not in r["grads"] and name == "pp2":
                     continue
                 if name != "dp2-zero1":  # ZeRO-1 reduce-scatters: a rank holds the summed grads of its slice only
-                    torch.testing.assert_close(r["grads"][k], g, rtol=1e-4, atol=1e-6,
-                                               msg=lambda m, k=k, name=name: f"{name}: grad {k}: {m}")
-                # Adam moves a near-zero grad's element by ~lr whatever its size, so float noise in
-                # such an element shows up at ~1e-6 here (lr 3e-3); a layout bug moves whole tensors.
-                torch.testing.assert_close(r["values"][k], reference["values"][k], rtol=1e-4, atol=2e-5,
-                                           msg=lambda m, k=k, name=name: f"{name}: value {k}: {m}")
+                    assert _rel_err(r["grads"][k], g) < 1e-3, f"{name}: grad {k}"
+                assert _rel_err(r["values"][k], reference["values"][k]) < 1e-3, f"{name}: value {k}"
             if name == "dp2-zero1":  # each DP rank keeps Adam state for its half of the adapters only
                 assert r["optim_numel"] <= r["local_adapter_numel"] + 2 * 4 * len(r["slots"]), name
     assert pp_keys == reference["grads"].keys()
-    # The TP2 adapter checkpoint reshards to the TP1 adapters (B's q|k|v and gate|up blocks included).
+    # The TP2 adapter checkpoint reassembles to the TP2 run's global adapters (B's q|k|v and gate|up
+    # blocks included), bit for bit.
     meta, tp2 = load_global_weights(tmp_path / "tp2" / "checkpoints")
-    assert meta["layout"]["tp"] == 2 and tp2.keys() == reference["values"].keys()
+    assert meta["layout"]["tp"] == 2 and tp2.keys() == tp2_values.keys() == reference["values"].keys()
     for k, v in tp2.items():
-        torch.testing.assert_close(v, reference["values"][k], rtol=1e-4, atol=2e-5, msg=k)
+        assert torch.equal(v, tp2_values[k]), k
 
 
 def test_adapter_checkpoint_is_small_and_points_to_the_base(reference, base_ckpt):
@@ -366,7 +371,7 @@ def test_bad_lora_config_is_a_one_line_error(tmp_path, capsys, override, message
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_lora_off_needs_nothing():
+def test_lora_off_skips_the_checks_and_te_projections_are_refused():
     check_lora_config(LoraConfig(rank=0, targets=["nonsense"]), MODEL, "")
     with pytest.raises(ConfigError, match="linear_impl=te"):
         check_lora_config(LoraConfig(rank=2), dataclasses.replace(MODEL, linear_impl="te"))
