@@ -19,13 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megalite.checkpoint.dist import (
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-    wait_for_pending_save,
-)
-from megalite.checkpoint.lora import load_pretrained_base
+from megalite.checkpoint.dist import save_checkpoint, wait_for_pending_save
 from megalite.config import Config, ConfigError
 from megalite.data.tokenizer import build_tokenizer
 from megalite.model.flops import flops_per_token, param_count
@@ -43,11 +37,14 @@ from megalite.parallel.state import (
 )
 from megalite.training.build import build_model, check_step_schedule
 from megalite.training.forward_backward import get_forward_backward
+from megalite.training.guards import DivergenceGuard, check_train_split
 from megalite.training.lr_schedule import lr_at
 from megalite.training.metrics import MetricsLogger, peak_flops
 from megalite.training.optimizer import build_optimizer
 from megalite.training.precision import LossScaler, make_autocast, resolve_precision
 from megalite.training.preemption import PreemptionGuard
+from megalite.training.resume import finished_message, resume_or_initialize
+from megalite.training.run_dir import drop_rows_after, lock_run_dir
 from megalite.training.stage import PretrainStage, Stage
 
 
@@ -83,9 +80,11 @@ class Trainer:
                               f"{self.tokenizer.vocab_size}")
         init_distributed(self.device)
         self.ps: ParallelState = build_parallel_state(cfg.parallel, self.device)
+        self.run_lock = lock_run_dir(t.run_dir, self.ps.rank, self.ps.world_size, self.device)  # one run per dir
         self.autocast = make_autocast(self.precision, self.device, t.fp8_recipe, self.ps.tp_dp_group)
         self.rng = seed_everything(t.seed, self.ps.tp_rank, self.ps.pp_rank, self.device)
         self.train_ds, self.valid_ds = datasets if datasets is not None else self.stage.build_datasets(self)
+        check_train_split(self.train_ds, cfg)
         self.chunks = build_model(cfg, self.ps, self.rng, schedule_checked=True)
         self.optimizer = build_optimizer(self.chunks, cfg, self.ps)
         self.forward_backward = get_forward_backward(self.ps, cfg.parallel)
@@ -93,6 +92,7 @@ class Trainer:
         # What the scaler unscales and checks (nothing when it is off); parameters are never replaced.
         self.scaled_params = [p for c in self.chunks for p in c.parameters()] if self.scaler.enabled else []
         self.state = TrainState()
+        self.divergence = DivergenceGuard(self.precision, self.cfg.checkpoint.dir or Path(t.run_dir) / "checkpoints")
         self.ckpt_dir = Path(cfg.checkpoint.dir or Path(t.run_dir) / "checkpoints")
         self.flops_per_token = flops_per_token(m, t.seq_len)
         self.peak = peak_flops(self.device, "fp8" if self.precision == "fp8" else self.precision)
@@ -100,8 +100,6 @@ class Trainer:
         self.metrics = MetricsLogger(t.run_dir, t.train_steps, self.is_logger, t.progress_bar)
         self.lora_base: dict | None = None  # LoRA: the frozen base's checkpoint, recorded in ours
         self._maybe_resume()
-        if cfg.lora.rank and self.lora_base is None:
-            self.lora_base = load_pretrained_base(cfg.checkpoint.pretrained, self.chunks, self.ps, cfg)
         if self.is_logger:
             total = param_count(m)
             trainable = lora_param_count(m, cfg.lora) if cfg.lora.rank else total
@@ -180,19 +178,15 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def _maybe_resume(self) -> None:
-        load = self.cfg.checkpoint.load
-        if not load:
-            return
-        path = self.ckpt_dir if load == "auto" else Path(load)
-        if load == "auto" and resolve_checkpoint(path) is None:
-            return
-        meta = load_checkpoint(path, self.chunks, self.optimizer, self.ps, self.cfg, self.rng)
-        self.state = TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"])
-        self.lora_base = meta.get("base")
-        if self.scaler.enabled and self.scaler.dynamic and "loss_scaler" in meta:
-            self.scaler.load_state_dict(meta["loss_scaler"])  # a static loss_scale keeps the configured value
+        meta, where = resume_or_initialize(self)  # own latest > checkpoint.load > pretrained > scratch
+        if meta is not None:
+            self.state = TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"])
+            self.lora_base = meta.get("base")
+            if self.scaler.enabled and self.scaler.dynamic and "loss_scaler" in meta:
+                self.scaler.load_state_dict(meta["loss_scaler"])  # a static loss_scale keeps the configured value
         if self.is_logger:
-            print(f"resumed from {resolve_checkpoint(path)} at step {self.state.step}", flush=True)
+            print(where, flush=True)
+            drop_rows_after(self.metrics.path, self.state.step)  # rows of steps this run will redo
 
     def save(self) -> Path:
         extra = {"consumed_samples": self.state.consumed_samples}
@@ -208,6 +202,8 @@ class Trainer:
         history: list[dict] = []
         tokens_per_step = t.global_batch_size * t.seq_len
         start_step = self.state.step
+        if start_step >= t.train_steps and self.is_logger:
+            print(finished_message(start_step, t.train_steps, self.ckpt_dir), flush=True)
         try:
             while self.state.step < t.train_steps:
                 start = time.time()
@@ -231,27 +227,34 @@ class Trainer:
                 if self.state.step % t.log_interval == 0 or self.state.step == t.train_steps or "eval_loss" in rec:
                     self.metrics.log(rec)
                     self.metrics.console(self.state.step, rec)
+                self.divergence.check(self.state.step, loss, grad_norm)  # raises: nothing new is saved
+                if self.metrics.failed:  # e.g. disk full: save what still fits, then stop with the reason
+                    guard.fail(self.metrics.failed)
                 stop = guard.should_stop(self.device) or bool(t.exit_interval and self.state.step % t.exit_interval == 0)
                 if stop or (ck.save_interval and self.state.step % ck.save_interval == 0):
                     path = self.save()
                     if self.is_logger:  # an async save's failure is raised by the next save or at the end
                         print(f"{'saving' if ck.async_save else 'saved'} checkpoint {path}", flush=True)
                 if stop:
+                    line = guard.stop_line(self.state.step)  # raises after a fault
                     if self.is_logger:
-                        print(f"stopped cleanly after step {self.state.step} "
-                              f"({'preemption signal' if guard.requested else 'exit_interval'})", flush=True)
+                        print(line, flush=True)
                     break
             else:
                 # Only if this run trained: a finished run launched again must not rewrite its checkpoint.
                 ran = self.state.step > start_step
                 if ck.save_on_exit and ran and not (ck.save_interval and self.state.step % ck.save_interval == 0):
-                    self.save()
+                    path = self.save()
+                    if self.is_logger:
+                        print(f"{'saving' if ck.async_save else 'saved'} checkpoint {path}", flush=True)
         finally:
             try:
                 wait_for_pending_save()  # an async save must be committed (or its failure raised) first
             finally:
                 guard.restore()
                 self.metrics.close()
+                if self.run_lock is not None:
+                    self.run_lock.release()
         return history
 
 
