@@ -27,6 +27,7 @@ from megalite.config import (
     load_config,
 )
 from megalite.data.tokenizer import build_tokenizer
+from megalite.generation.loading import load_model
 from megalite.model import LlamaModel
 from megalite.model.lora import apply_lora, check_lora_config, lora_param_count
 from megalite.parallel.comm import count_comm
@@ -336,6 +337,10 @@ def test_merged_export_gives_the_unmerged_logits(tmp_path, monkeypatch, capsys, 
                              torch.optim.SGD(base.parameters(), lr=0.0), ParallelState(), plain_cfg)
         assert not torch.allclose(base.eval().full_logits(tokens), want, atol=1e-4)  # the adapters matter
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # megalite.load_model (and so `megalite generate`) merges on load.
+    with torch.no_grad():
+        loaded = load_model(lora_ckpt, device="cpu").full_logits(tokens)
+    torch.testing.assert_close(loaded, want, rtol=1e-5, atol=1e-5)
     # The HF export of the merged model, run by transformers.
     assert convert(monkeypatch, capsys, "--from", "megalite", "--to", "hf", "--merge-lora",
                    "--input", lora_ckpt, "--output", tmp_path / "hf")[0] == 0
@@ -348,7 +353,7 @@ def test_merged_export_gives_the_unmerged_logits(tmp_path, monkeypatch, capsys, 
 def test_merge_lora_of_a_plain_checkpoint_is_a_one_line_error(tmp_path, monkeypatch, capsys, base_ckpt):
     code, err = convert(monkeypatch, capsys, "--from", "megalite", "--to", "hf", "--merge-lora",
                         "--input", base_ckpt, "--output", tmp_path / "hf")
-    assert code == 2 and err.startswith("error: --merge-lora:") and "not a LoRA checkpoint" in err
+    assert code == 2 and err.startswith("error: --merge-lora: ") and "not a LoRA checkpoint" in err
     assert err.count("\n") == 1
 
 
@@ -364,7 +369,8 @@ def test_merge_lora_of_a_plain_checkpoint_is_a_one_line_error(tmp_path, monkeypa
 def test_bad_lora_config_is_a_one_line_error(tmp_path, capsys, override, message):
     from megalite import cli
 
-    args = ["pretrain", *LORA, "checkpoint.pretrained=somewhere", f"train.run_dir={tmp_path}", override]
+    args = ["pretrain", "--config", str(ROOT / "examples/configs/tiny.yaml"), *LORA, "checkpoint.pretrained=somewhere",
+            f"train.run_dir={tmp_path}", override]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
