@@ -84,7 +84,7 @@ class ParallelConfig:
     vpp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B when > 1)
     sp: bool = False  # sequence parallelism inside the TP group
     cp: int = 1  # context parallelism; only 1 is supported for now
-    pipeline_schedule: str = "1f1b"  # afab | 1f1b | interleaved
+    pipeline_schedule: str = "1f1b"  # afab | 1f1b | interleaved (1f1b with vpp > 1 runs interleaved)
     pp_layer_split: list[int] | None = None  # layers per stage (per virtual stage with vpp); None: even
     distributed_optimizer: bool = False  # ZeRO-1: shard fp32 master weights and Adam state over DP
     bucket_size_mb: float = 25.0

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from megalite.config import ConfigError, ModelConfig
 from megalite.model.block import DecoderLayer, add_norm
+from megalite.model.kv_cache import KVCache
 from megalite.model.norm import RMSNorm
 from megalite.model.rope import inv_frequencies, rope_cos_sin
 from megalite.model.spec import loss_fn
@@ -106,10 +107,13 @@ class LlamaModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
         """First stage: tokens [b, s]; other stages: hidden [s(/tp), b, h] from the previous stage.
         Returns hidden for the next stage, per-token losses [b, s] when `labels` are given, or
-        vocab-parallel logits [b, s, V/tp] otherwise; with the score head, scores [b, s]."""
+        vocab-parallel logits [b, s, V/tp] otherwise; with the score head, scores [b, s].
+        With `kv_cache` (inference, no SP): `tokens` are the positions after the cached ones,
+        attention reads and extends the cache, and only the last position's output is computed
+        ([b, 1, ...]): the next token's."""
         x = self.embedding(tokens) if self.pre_process else hidden
         s = x.shape[0] * (self.ps.tp if self.ps.sp else 1)
         b = x.shape[1]
@@ -117,10 +121,17 @@ class LlamaModel(nn.Module):
             position_ids = torch.arange(s, device=x.device).unsqueeze(0).expand(b, s)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype if x.is_floating_point() else torch.float32)
         pending = None
-        for layer in self.layers.values():
-            x, pending = layer(x, cos, sin, doc_ids, pending)
+        if kv_cache is not None:
+            kv_cache.begin(s)
+        for i, layer in self.layers.items():
+            cache = kv_cache.layers[int(i)] if kv_cache is not None else None
+            x, pending = layer(x, cos, sin, doc_ids, pending, cache)
+        if kv_cache is not None:
+            kv_cache.advance(s)
         if not self.post_process:
             return x if pending is None else x + pending
+        if kv_cache is not None:
+            x, pending = x[-1:], None if pending is None else pending[-1:]
         x, _ = add_norm(self.final_norm, pending, x)
         g = self.ps.tp_group
         if self.scores:

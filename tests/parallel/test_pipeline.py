@@ -207,7 +207,8 @@ def test_split_layers():
 @pytest.mark.parametrize("par,m,layers,msg", [
     (dict(pp=2, vpp=2, pipeline_schedule="interleaved"), 3, 4, "multiple of parallel.pp"),
     (dict(pp=2, pipeline_schedule="interleaved"), 4, 4, "vpp >= 2"),
-    (dict(pp=2, vpp=2, pipeline_schedule="1f1b"), 4, 4, "needs parallel.pipeline_schedule=interleaved"),
+    (dict(pp=2, vpp=2, pipeline_schedule="afab"), 4, 4, "vpp=2 needs the interleaved schedule .* not 'afab'"),
+    (dict(pp=2, vpp=2), 3, 4, "multiple of parallel.pp"),  # the default 1f1b runs interleaved with vpp
     (dict(pp=2, pipeline_schedule="gpipe"), 4, 4, "unknown parallel.pipeline_schedule"),
     (dict(pp=2, pp_layer_split=[1, 2]), 4, 4, "sums to 3"),
     (dict(pp=2, pp_layer_split=[4]), 4, 4, "has 1 entries"),

@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from megalite.config import ConfigError, ParallelConfig
 from megalite.parallel.pipeline.p2p import PipelineComm, activation_shape
-from megalite.parallel.pipeline.stages import check_schedule
+from megalite.parallel.pipeline.stages import check_schedule, resolve_schedule
 from megalite.parallel.pipeline.step import ForwardStep, TokenLoss, add_sums, new_sums
 from megalite.parallel.state import ParallelState
 
@@ -287,4 +287,4 @@ def get_pipeline_schedule(ps: ParallelState, par: ParallelConfig) -> Callable[..
     check_schedule(par, num_micro=None)
     if ps.pp != par.pp or ps.vpp != par.vpp:
         raise ConfigError(f"pipeline layout mismatch: state pp={ps.pp} vpp={ps.vpp}, config pp={par.pp} vpp={par.vpp}")
-    return SCHEDULE_FNS[par.pipeline_schedule]
+    return SCHEDULE_FNS[resolve_schedule(par)]
