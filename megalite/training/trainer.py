@@ -102,9 +102,10 @@ class Trainer:
         self._maybe_resume()
         if self.is_logger:
             total = param_count(m)
-            trainable = lora_param_count(m, cfg.lora) if cfg.lora.rank else total
-            print(f"megalite {self.stage.name} | {self.ps.describe()} | params {total / 1e6:.1f}M, trainable "
-                  f"{trainable:,} ({100 * trainable / total:.2f}%) | optimizer state/rank "
+            lora = lora_param_count(m, cfg.lora) if cfg.lora.rank else 0  # the only trainable ones
+            trainable = f", trainable (LoRA) {lora:,} ({100 * lora / total:.2f}%)" if lora else ""
+            print(f"megalite {self.stage.name} | {self.ps.describe()} | params {total / 1e6:.1f}M{trainable} | "
+                  f"optimizer state/rank "
                   f"{self.optimizer.memory_report()['measured_optimizer'] / 2**20:.2f} MiB | "
                   f"precision {self.precision} | micro-batches/step {self.num_micro} | "
                   f"start step {self.state.step}{self.stage.describe(self)}", flush=True)
