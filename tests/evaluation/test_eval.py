@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 
 import pytest
 
 import megalite
+from megalite.checkpoint.dist import resolve_checkpoint
 from megalite.cli import main as cli_main
 from megalite.config import load_config
 from megalite.evaluation.perplexity import run_eval
@@ -81,3 +84,25 @@ def test_every_layout_gives_the_single_process_numbers(ckpt, tmp_path):
         got = [r["loglikelihood"] for r in jsonl["texts"]]
         assert got == pytest.approx([r["loglikelihood"] for r in single[0]["texts"]], rel=1e-5), layout
         assert shards["tokens"] == single[1]["tokens"] and shards["loss"] == pytest.approx(single[1]["loss"], rel=1e-5)
+
+
+def test_checkpoint_config_that_does_not_match_its_weights_names_the_tensor(ckpt, tmp_path, capsys):
+    step = resolve_checkpoint(ckpt)
+    texts = write_texts(tmp_path / "t.jsonl")
+    for name, edit, message in [
+        ("shape", lambda m: m["config"]["model"].update(ffn_hidden_size=192),
+         r"parameter 'layers\.0\.mlp\.gate_up\.weight' has global shape \[256, 64\] in the checkpoint, "
+         r"the model expects \[384, 64\]"),
+        ("missing", lambda m: m["params"].pop("layers.2.attn.out.weight"),
+         r"parameter 'layers\.2\.attn\.out\.weight' is not in the checkpoint \(incompatible model\)"),
+    ]:
+        bad = tmp_path / name / step.name
+        shutil.copytree(step, bad)
+        meta = json.loads((bad / "meta.json").read_text())
+        edit(meta)
+        (bad / "meta.json").write_text(json.dumps(meta))
+        assert cli_main(["eval", *MODEL, f"checkpoint.load={bad}", "train.seq_len=32", f"train.run_dir={tmp_path}",
+                         f"eval.jsonl={texts}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+        assert re.search(message, err), err
