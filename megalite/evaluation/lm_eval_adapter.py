@@ -106,7 +106,7 @@ class MegaliteLM(LM):
             context, kwargs = r.args[0], dict(r.args[1]) if len(r.args) > 1 else {}
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.get("max_gen_toks", 256))
+            max_new = min(int(kwargs.get("max_gen_toks", 256)), self.max_length - 1)  # room for one prompt token
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
             prompt = [self.eod, *self.tokenizer.encode(context)][-(self.max_length - max_new):]
             gen = megalite.generate(self.model, [prompt], max_new, temperature=temperature,
