@@ -81,6 +81,9 @@ class ParallelConfig:
     pp: int = 1
     vpp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B when > 1)
     sp: bool = False  # sequence parallelism inside the TP group
+    # Column-parallel backward launches its input-grad all-reduce / reduce-scatter asynchronously
+    # and computes the weight grad meanwhile; False: the blocking mappings (same numbers).
+    tp_comm_overlap: bool = True
     cp: int = 1  # context parallelism; only 1 is supported for now
     pipeline_schedule: str = "1f1b"  # afab | 1f1b | interleaved
     pp_layer_split: list[int] | None = None  # layers per stage (per virtual stage with vpp); None: even
