@@ -72,8 +72,8 @@ def torch_vocab_parallel_loss(x: torch.Tensor, weight: torch.Tensor, labels: tor
     """x [s, b, h] (full sequence), weight [V_local, h], labels [s, b] -> per-token loss [s, b]."""
     from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
 
-    logits = F.linear(x, weight)
-    return vocab_parallel_cross_entropy(logits, labels, vocab_start, vocab_size, group)
+    logits = F.linear(x, weight)  # made for the loss alone: the CE may overwrite it
+    return vocab_parallel_cross_entropy(logits, labels, vocab_start, vocab_size, group, inplace=True)
 
 
 def triton_vocab_parallel_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
