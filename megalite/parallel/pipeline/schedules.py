@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from megalite.config import ConfigError, ParallelConfig
-from megalite.parallel.pipeline.p2p import PipelineComm, activation_shape
+from megalite.parallel.pipeline.p2p import PipelineComm, activation_shape, backward_from
 from megalite.parallel.pipeline.stages import check_schedule
 from megalite.parallel.state import ParallelState
 
@@ -83,7 +83,7 @@ class _Steps:
             if output_grad is None:  # the loss, on the last stage
                 output.backward()
             else:
-                torch.autograd.backward(output, grad_tensors=output_grad)
+                backward_from(output, output_grad)  # the output may be deallocated (p2p.py)
         return None if input_tensor is None else input_tensor.grad
 
 
@@ -105,6 +105,7 @@ def forward_backward_afab(chunks: list[nn.Module], micro_batches: list[MicroBatc
     for inp, out in saved:  # first in, first out: the order in which the last stage finished them
         grad = comm.recv_backward()
         comm.send_backward(steps.backward(inp, out, grad))
+    comm.flush()  # sends still in flight (p2p.py)
     return steps.loss_sum
 
 
@@ -153,6 +154,7 @@ def forward_backward_1f1b(chunks: list[nn.Module], micro_batches: list[MicroBatc
         for _ in range(warmup):
             grad = comm.recv_backward()
             comm.send_backward(steps.backward(inputs.pop(0), outputs.pop(0), grad))
+    comm.flush()  # sends still in flight (p2p.py)
     return steps.loss_sum
 
 
@@ -270,6 +272,7 @@ def forward_backward_interleaved(chunks: list[nn.Module], micro_batches: list[Mi
             _, grad = comm.exchange(send_prev=input_grad, recv_next=recv_next)
             if recv_next:
                 grads[next_bc].append(grad)
+    comm.flush()  # sends still in flight (p2p.py)
     return steps.loss_sum
 
 
