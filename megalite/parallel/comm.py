@@ -41,9 +41,18 @@ def count_comm() -> Iterator[CommCounter]:
 
 
 class CommTimer:
+    """Seconds blocked per kind: "blocking" (inside a synchronous collective) or "wait" (in
+    wait() on an asynchronous one); `calls` per kind; `done_at_wait`: asynchronous ops that had
+    already completed when waited for, i.e. whose transfer was entirely hidden behind compute."""
+
     def __init__(self) -> None:
-        self.blocked_s = 0.0  # seconds inside blocking collectives and wait() calls
-        self.waits = 0  # how many of those calls
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.done_at_wait = 0
+
+    @property
+    def blocked_s(self) -> float:
+        return sum(self.seconds.values())
 
 
 @contextlib.contextmanager
@@ -57,7 +66,7 @@ def time_comm() -> Iterator[CommTimer]:
 
 
 @contextlib.contextmanager
-def _blocked() -> Iterator[None]:
+def _blocked(kind: str = "blocking") -> Iterator[None]:
     if _timer is None:
         yield
         return
@@ -65,16 +74,19 @@ def _blocked() -> Iterator[None]:
     try:
         yield
     finally:
-        _timer.blocked_s += time.perf_counter() - t0
-        _timer.waits += 1
+        _timer.seconds[kind] += time.perf_counter() - t0
+        _timer.calls[kind] += 1
 
 
 def wait(work) -> None:
     """Waits for an asynchronous collective or p2p op (None: nothing pending), counting the time
     blocked in the active timer."""
-    if work is not None:
-        with _blocked():
-            work.wait()
+    if work is None:
+        return
+    if _timer is not None and work.is_completed():
+        _timer.done_at_wait += 1
+    with _blocked("wait"):
+        work.wait()
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
