@@ -1,7 +1,7 @@
 """Time blocked in TP communication per training step, blocking vs overlapped (gloo, CPU).
 
 One process group, one model: each measured step runs the trainer's pieces (forward/backward of
-the micro-batches, finalize_grads, the optimizer step) under `comm.time_comm()`, alternately with
+the micro-batches under `comm.time_comm()`, then finalize_grads and an optimizer step), alternately with
 `parallel.tp_comm_overlap` off (before: every TP collective blocks) and on (after: the column-
 parallel backward launches its input-grad all-reduce / reduce-scatter asynchronously and computes
 the weight grad meanwhile, and under SP re-gathers its input behind the input-grad matmul).
@@ -11,8 +11,10 @@ Printed per path (median over the measured steps, rank 0; on a loaded machine th
 noise lands in the blocked time, as a rank waits for a descheduled peer, so the least blocked
 step is printed too):
   step s         the step's wall time
-  blocked s      time inside blocking collectives plus time in wait() on asynchronous ones
+  blocked s      time inside blocking collectives plus time in wait() on asynchronous ones,
+                 over forward and backward
   min blocked s  the least blocked step
+  bwd blocked s  the part of `blocked s` inside backward, where the overlap acts
   in wait s      the part of it spent in wait()
   hidden         asynchronous collectives already complete when waited for: their whole
                  transfer ran while the weight grad was computed (the collectives were in flight
@@ -85,12 +87,13 @@ def _worker(rank: int, world: int, size: str, a: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             with time_comm() as timer:
                 loss = fb(chunks, mbs, ps, num_tokens=float(a.mbs * seq * a.micro))
-                finalize_grads(chunks, ps)
-                opt.step()
+            finalize_grads(chunks, ps)
+            opt.step()
             wall = time.perf_counter() - t0
             grads[overlap] = [loss.detach().clone()] + [p.grad.clone() for p in params]
             if step > 0:
                 rows[overlap].append(dict(step_s=wall, blocked_s=timer.blocked_s, wait_s=timer.seconds["wait"],
+                                          bwd_s=timer.backward_s,
                                           waits=timer.calls["wait"], hidden=timer.done_at_wait,
                                           blocking=timer.calls["blocking"]))
         identical &= all(torch.equal(x, y) for x, y in zip(grads[False], grads[True]))
@@ -116,8 +119,8 @@ def main() -> int:
     ok = True
     print(f"TP2{'' if a.no_sp else '+SP'}, gloo/CPU, {a.micro} micro-batch(es) x {a.mbs}; median of {a.steps} "
           "steps per path, rank 0")
-    print(f"{'config':<8} {'path':<10} {'step s':>8} {'blocked s':>10} {'min blocked s':>14} {'in wait s':>10} "
-          f"{'blocked %':>9} {'hidden':>9}")
+    print(f"{'config':<8} {'path':<10} {'step s':>8} {'blocked s':>10} {'min blocked s':>14} {'bwd blocked s':>14} "
+          f"{'in wait s':>10} {'blocked %':>9} {'hidden':>9}")
     for size in sizes:
         results = run_distributed(_worker, 2, size, a)
         r0 = results[0]
@@ -126,13 +129,15 @@ def main() -> int:
         ok &= report[size]["identical"]
         for overlap, name in ((False, "blocking"), (True, "overlap")):
             rows = r0["rows"][overlap]
-            step, blocked, waited = (_median(rows, k) for k in ("step_s", "blocked_s", "wait_s"))
+            step, blocked, bwd, waited = (_median(rows, k) for k in ("step_s", "blocked_s", "bwd_s", "wait_s"))
             hidden = f"{rows[-1]['hidden']}/{rows[-1]['waits']}" if rows[-1]["waits"] else "-"
             least = min(r["blocked_s"] for r in rows)
-            print(f"{size:<8} {name:<10} {step:>8.3f} {blocked:>10.3f} {least:>14.3f} {waited:>10.3f} "
+            print(f"{size:<8} {name:<10} {step:>8.3f} {blocked:>10.3f} {least:>14.3f} {bwd:>14.3f} {waited:>10.3f} "
                   f"{100 * blocked / step:>8.1f}% {hidden:>9}")
         b, o = (_median(r0["rows"][k], "blocked_s") for k in (False, True))
-        print(f"{size:<8} blocked time per step {b:.3f} s -> {o:.3f} s ({(o - b) / b * 100:+.0f}%); "
+        bb, bo = (_median(r0["rows"][k], "bwd_s") for k in (False, True))
+        print(f"{size:<8} blocked time per step {b:.3f} s -> {o:.3f} s ({(o - b) / b * 100:+.0f}%), in backward "
+              f"{bb:.3f} s -> {bo:.3f} s ({(bo - bb) / bb * 100:+.0f}%); "
               f"{r0['params'] / 1e6:.1f}M params; grads "
               f"{'bit-identical' if report[size]['identical'] else 'DIFFER'}")
     if a.json:  # written whole, then renamed into place

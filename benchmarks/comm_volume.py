@@ -10,8 +10,9 @@ bytes, is:
     TP + SP     all_gather, reduce_scatter: 4A per layer per micro-batch (2 in forward, their
                 adjoints in backward), +A on the first stage (embedding) and +A on the last
                 (final gather before the head); with parallel.tp_comm_overlap (the default)
-                all_gather +2A per layer: the QKV and gate/up projections keep only their
-                sequence shard and gather it again in backward, behind the input-grad matmul
+                all_gather +2A per layer and +A on the last stage: the QKV, gate/up and head
+                projections keep only their sequence shard and gather it again in backward,
+                behind the input-grad matmul
     TP, no SP   all_reduce: 4A per layer per micro-batch, +A first stage, +A last stage
     both        all_reduce: vocab-parallel CE statistics 3*b*s*4 per micro-batch (last stage),
                 TP-partial grads (norm weights under SP) once per step
@@ -102,7 +103,7 @@ def analytical(r: dict, a: argparse.Namespace) -> dict[str, int]:
         if sp:
             out["all_gather"] = out["reduce_scatter"] = m * (4 * r["layers"] + ends) * act
             if not getattr(a, "no_tp_overlap", False):
-                out["all_gather"] += m * 2 * r["layers"] * act
+                out["all_gather"] += m * (2 * r["layers"] + int(r["last"])) * act
             out["all_reduce"] = r["tp_partial"] * E
         else:
             out["all_reduce"] = m * (4 * r["layers"] + ends) * act

@@ -49,6 +49,7 @@ class CommTimer:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.done_at_wait = 0
+        self.backward_s = 0.0  # the part blocked inside an autograd backward pass
 
     @property
     def blocked_s(self) -> float:
@@ -74,8 +75,11 @@ def _blocked(kind: str = "blocking") -> Iterator[None]:
     try:
         yield
     finally:
-        _timer.seconds[kind] += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        _timer.seconds[kind] += dt
         _timer.calls[kind] += 1
+        if torch._C._current_graph_task_id() != -1:  # -1: not inside a backward pass
+            _timer.backward_s += dt
 
 
 def wait(work) -> None:
