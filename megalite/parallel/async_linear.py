@@ -10,13 +10,14 @@ collective asynchronously, computes the weight grad while it is in flight, then 
 Under SP the forward all-gathers the sequence, and the blocking path keeps the gathered
 [seq, b, h] input for the weight grad. Here only the local [seq/tp, b, h] shard is kept: backward
 gathers it again, asynchronously, while the input-grad matmul runs (it does not need it). That is
-one more all-gather per layer per backward, in exchange for (tp-1)/tp of the input activation.
+one more all-gather per column layer per backward, in exchange for (tp-1)/tp of its input.
 
 Numbers are those of the blocking path: the same collectives on the same tensors and the same
 matmuls as F.linear's backward (fp32: bit-identical, tests/parallel/test_async_linear.py).
-Autocast is applied by hand (cast x, weight, bias to the autocast dtype, as F.linear under
-autocast would; under SP before the gather: same values, half the bytes), so backward needs no autocast state; the input grad is cast
-back to x's dtype before its collective, as in the blocking path.
+Autocast is applied by hand: x, weight and bias are cast to the autocast dtype as F.linear under
+autocast would (under SP before the gather: same values, half the bytes), so backward needs no
+autocast state; the input grad is cast back to x's dtype before its collective, as the blocking
+path's autocast cast does.
 """
 
 from __future__ import annotations
