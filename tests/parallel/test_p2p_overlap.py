@@ -44,7 +44,7 @@ def test_views_and_leaves_keep_their_storage():
 
 def _worker(rank: int, world: int):
     ps = build_parallel_state(ParallelConfig(pp=2))
-    comm = PipelineComm(ps, SHAPE, torch.float32, torch.device("cpu"))
+    comm = PipelineComm(ps, SHAPE, torch.float32, torch.device("cpu"), overlap_sends=True)
     if ps.is_first_stage:
         x0, w0 = _inputs()
         x, w = x0.requires_grad_(), w0.requires_grad_()

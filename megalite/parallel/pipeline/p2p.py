@@ -9,12 +9,12 @@ With pp=2 the next and the previous rank are the same peer, and activations and 
 between the same two ranks in one batch. Forward-direction messages are always posted before
 backward-direction ones (on both ends), and they carry different tags, so they cannot be swapped.
 
-Receives are waited at once (every schedule consumes them next), sends are not: a send's wait is
-deferred to the next exchange (or `flush()`, at the end of a schedule), so the transfer overlaps
-the compute in between. Once an activation is posted, the stage's output tensor gives up its
-storage (Megatron's output deallocation): its `.data` becomes one element while its autograd
-graph stays, and the detached alias handed to the send keeps the buffer alive only until the
-send completes. Its backward then goes through `backward_from`, which does not compare the
+Receives are waited at once (every schedule consumes them next), sends need not be: with
+`overlap_sends` (the schedules' comm) a send's wait is deferred to the next exchange (or
+`flush()`, at the end of a schedule), so the transfer overlaps the compute in between.
+Once an activation is posted, the stage's output tensor gives up its storage (Megatron's output
+deallocation): its `.data` becomes one element while its autograd graph stays, and the detached
+alias handed to the send keeps the buffer alive only until the send completes. Its backward then goes through `backward_from`, which does not compare the
 gradient's shape with the (now one-element) output's.
 
 `_plan` is that batch as data; simulate.py traces the same plan (by overriding `_post`) to check
@@ -75,8 +75,11 @@ def backward_from(output: torch.Tensor, grad: torch.Tensor) -> None:
 
 class PipelineComm:
     def __init__(self, ps: ParallelState, shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, overlap_sends: bool = False) -> None:
+        """`overlap_sends`: leave sends in flight past their exchange; the owner then calls
+        `flush()` when done (the schedules do). Otherwise each exchange waits for all of it."""
         self.ps, self.shape, self.dtype, self.device = ps, shape, dtype, device
+        self.overlap_sends = overlap_sends
         self.in_flight: list[tuple[object, torch.Tensor]] = []  # posted sends: (work, buffer)
 
     def _buffer(self) -> torch.Tensor:
@@ -121,10 +124,10 @@ class PipelineComm:
                 wait(work)
             return
         for (kind, _, _, t), work in zip(ops, works):
-            if kind == "recv":
-                wait(work)
-            else:
+            if kind == "send" and self.overlap_sends:
                 self.in_flight.append((work, t))
+            else:
+                wait(work)
 
     def flush(self) -> None:
         """Waits for the sends still in flight and drops their buffers (end of a schedule)."""
