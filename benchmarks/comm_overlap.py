@@ -86,7 +86,7 @@ def _worker(rank: int, world: int, size: str, a: argparse.Namespace) -> dict:
             opt.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
             with time_comm() as timer:
-                loss = fb(chunks, mbs, ps, num_tokens=float(a.mbs * seq * a.micro))
+                loss = fb(chunks, mbs, ps, num_units=float(a.mbs * seq * a.micro))["loss"]
             finalize_grads(chunks, ps)
             opt.step()
             wall = time.perf_counter() - t0
