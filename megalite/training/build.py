@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from megalite.config import Config
 from megalite.model import LlamaModel
+from megalite.model.lora import apply_lora
 from megalite.model.recompute import apply_recompute
 from megalite.parallel.pipeline import check_schedule, stage_specs
 from megalite.parallel.rng import RNGTracker
@@ -32,6 +33,8 @@ def build_model(cfg: Config, ps: ParallelState, rng: RNGTracker | None,
         model = LlamaModel(cfg.model, ps, rng, layer_ids=spec.layer_ids, pre_process=spec.pre_process,
                            post_process=spec.post_process, device=ps.device)
         model.init_weights(t.seed)
+        if cfg.lora.rank > 0:  # adapters on the targeted projections; everything else frozen
+            apply_lora(model, cfg.lora, t.seed)
         apply_recompute(model, par.recompute, par.recompute_every)
         chunks.append(model)
     return chunks
