@@ -1,0 +1,48 @@
+"""Shared pieces of the GRPO / PPO tests: a tiny policy on the byte tokenizer, prompts, rewards."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from megalite.config import load_config
+
+PROMPTS = ["x", "y", "z", "w"]
+
+
+def lower_frac(prompt: str, response: str) -> float:
+    """Verifiable toy reward: the share of lowercase letters in the answer (about 0.1 at random init)."""
+    return sum(c.islower() for c in response) / max(len(response), 1)
+
+
+def constant_for_x(prompt: str, response: str) -> float:
+    """All answers to prompt "x" score the same (a uniform group for DAPO's filter)."""
+    return 0.5 if prompt == "x" else lower_frac(prompt, response)
+
+
+def raises_on_z(prompt: str, response: str) -> float:
+    if prompt == "z":
+        raise ValueError("cannot score this\nsecond line")
+    return 0.0
+
+
+def nan_on_y(prompt: str, response: str) -> float:
+    return math.nan if prompt == "y" else 0.0
+
+
+def write_prompts(tmp: Path) -> str:
+    path = tmp / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return str(path)
+
+
+def tiny_config(tmp: Path, *overrides: str):
+    ov = ["model.vocab_size=0", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+          "model.num_kv_heads=2", "model.ffn_hidden_size=64", "model.max_seq_len=64", "train.seq_len=16",
+          "train.micro_batch_size=8", "train.global_batch_size=32", "train.train_steps=3",
+          f"train.run_dir={tmp / 'run'}", "train.progress_bar=false", "train.device=cpu", "checkpoint.load=",
+          "checkpoint.save_on_exit=false", "optim.lr=3e-2", "optim.min_lr=3e-2", "optim.warmup_steps=0",
+          "optim.weight_decay=0", f"rl.prompts={write_prompts(tmp)}", "rl.group_size=8", "rl.max_new_tokens=8",
+          "reward.function=tests.alignment.rl_helpers:lower_frac", "rl.kl_coef=0", *overrides]
+    return load_config(None, ov)

@@ -1,0 +1,109 @@
+"""GRPO: the stage's batch (group advantages, DAPO's filter), reward-function errors, log-prob
+mismatch at TP1 and TP2, and a learning test on a verifiable toy reward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megalite.alignment import rl as rlmath
+from megalite.alignment.grpo import GRPOStage
+from megalite.config import ConfigError
+from megalite.testing import run_distributed
+from megalite.training.trainer import Trainer
+from tests.alignment.rl_helpers import constant_for_x, lower_frac, tiny_config
+
+
+def _trainer(tmp_path, *ov) -> Trainer:
+    return Trainer(tiny_config(tmp_path, *ov), GRPOStage())
+
+
+def _decode_rows(trainer, mb):
+    tok = trainer.tokenizer
+    out = []
+    for labels in mb["labels"]:
+        ids = [int(t) for t in labels if t != -100]
+        out.append(tok.decode([t for t in ids if t != tok.eos]))
+    return out
+
+
+def test_batch_carries_group_advantages_of_its_rewards(tmp_path):
+    trainer = _trainer(tmp_path, "rl.temperature=1.0")
+    mbs = trainer.stage.batches(trainer, trainer.train_ds, 0)
+    assert len(mbs) == trainer.num_micro == 4
+    rewards = torch.cat([mb["rewards"] for mb in mbs])
+    answers = [a for mb in mbs for a in _decode_rows(trainer, mb)]
+    prompts = [p for p in "xyzw" for _ in range(8)]  # 8 answers per prompt, in prompt order
+    assert rewards.tolist() == pytest.approx([lower_frac(p, a) for p, a in zip(prompts, answers)])
+    adv = torch.cat([mb["advantages"] for mb in mbs]).double()
+    assert torch.allclose(adv, rlmath.group_advantages(rewards, 8), atol=1e-6)
+    assert rewards.std() > 0  # otherwise the comparison above is vacuous
+    for mb in mbs:
+        assert mb["num_units"] == 8 and mb["num_loss_tokens"] == int(mb["mask"].sum())
+        # the generator's and the training forward's log-probs agree on CPU fp32
+        m = mb["mask"]
+        assert torch.allclose(mb["old_logps"][m], mb["rollout_logps"][m], atol=1e-4)
+        assert not torch.equal(mb["old_logps"][m], mb["ref_logps"][m] + 1)  # reference pass ran
+
+
+def test_dr_grpo_skips_std_and_dapo_drops_uniform_groups(tmp_path):
+    trainer = _trainer(tmp_path, "reward.function=tests.alignment.rl_helpers:constant_for_x",
+                       "rl.scale_by_std=false", "rl.drop_uniform_groups=true", "rl.aggregation=token_mean")
+    mbs = trainer.stage.batches(trainer, trainer.train_ds, 0)
+    rewards = torch.cat([mb["rewards"] for mb in mbs])
+    adv = torch.cat([mb["advantages"] for mb in mbs]).double()
+    assert torch.allclose(adv, rlmath.group_advantages(rewards, 8, scale_by_std=False), atol=1e-6)
+    answers = [a for mb in mbs for a in _decode_rows(trainer, mb)]
+    assert rewards[:8].tolist() == [0.5] * 8 and answers  # prompt "x": a uniform group
+    mask = torch.cat([mb["mask"] for mb in mbs])
+    assert not mask[:8].any(), "the uniform group must carry no loss"
+    assert mask[8:].sum(1).gt(0).all()
+    # token_mean: the loss units are the remaining real tokens
+    assert sum(mb["num_units"] for mb in mbs) == int(mask.sum())
+    assert constant_for_x("x", "anything") == 0.5
+
+
+@pytest.mark.parametrize("fn,words", [("raises_on_z", ["raises_on_z raised ValueError: cannot score this", "prompt 2"]),
+                                      ("nan_on_y", ["nan_on_y returned nan for prompt 1"])])
+def test_bad_reward_function_is_one_line(tmp_path, fn, words):
+    trainer = _trainer(tmp_path, f"reward.function=tests.alignment.rl_helpers:{fn}")
+    with pytest.raises(ConfigError) as e:
+        trainer.stage.batches(trainer, trainer.train_ds, 0)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_unimportable_reward_function_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="reward.function 'nosuch.module:f' cannot be imported"):
+        _trainer(tmp_path, "reward.function=nosuch.module:f")
+
+
+def test_grpo_raises_the_mean_reward(tmp_path):
+    trainer = _trainer(tmp_path, "train.train_steps=24", "rl.kl_coef=0.01")
+    hist = trainer.train()
+    rewards = [r["mean_reward"] for r in hist]
+    assert max(rewards[:3]) < 0.3
+    assert min(rewards[-3:]) > 0.8, rewards
+    assert all(r["logprob_mismatch"] <= 1.001 for r in hist)
+    assert all(r["kl"] >= 0 for r in hist) and hist[-1]["kl"] > 0
+    for key in ("response_length", "clip_fraction", "time_rollout", "time_logprob", "time_train"):
+        assert key in hist[-1]
+
+
+def _tp_worker(rank: int, world: int, tmp: str) -> list[dict]:
+    from pathlib import Path
+
+    trainer = Trainer(tiny_config(Path(tmp), "parallel.tp=2", "train.train_steps=2", "rl.temperature=0.7"),
+                      GRPOStage())
+    return trainer.train()
+
+
+@pytest.mark.slow
+def test_tp2_logprob_mismatch_and_ranks_agree(tmp_path):
+    results = run_distributed(_tp_worker, 2, str(tmp_path))
+    for hist in results:
+        assert all(r["logprob_mismatch"] <= 1.001 for r in hist)
+    keys = ("mean_reward", "kl", "logprob_mismatch", "loss", "response_length")
+    assert [[r[k] for k in keys] for r in results[0]] == [[r[k] for k in keys] for r in results[1]]
