@@ -56,11 +56,7 @@ class GRPOStage(RLStage):
             drop = ~keep[rows].to(dev)
             mb["mask"] = mb["mask"] & ~drop[:, None]
             mb["labels"] = mb["labels"].masked_fill(drop[:, None], -100)
-            m = mb["mask"]
-            mb["num_units"] = int(m.sum()) if rl.aggregation == "token_mean" else int((m.sum(1) > 0).sum())
-
-    def loss_units(self, mb: dict) -> float:
-        return float(mb["num_units"])
+            self.set_units(mb, rl.aggregation)
 
     def loss(self, output: torch.Tensor, mb: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rl, m = self.rl, mb["mask"]

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from megalite.alignment.frozen import build_frozen_model
 from megalite.config import Config, ConfigError
 from megalite.generation import generate
 from megalite.generation.prompts import read_prompts, render_prompt
@@ -166,21 +167,6 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def load_frozen(trainer, path: str, want_head: str, what: str) -> nn.Module:
-    """`path`'s model on this rank's TP slice, frozen. The head must be `want_head` and the
-    vocabulary the policy's (one line otherwise)."""
-    from megalite.generation.loading import build_inference_model, read_checkpoint
-
-    step_dir, meta, mcfg = read_checkpoint(path)
-    policy = trainer.cfg.model
-    if mcfg.output_head != want_head:
-        raise ConfigError(f"{what} {path}: model.output_head is '{mcfg.output_head}', expected '{want_head}'")
-    if mcfg.vocab_size != policy.vocab_size:
-        raise ConfigError(f"{what} {path}: vocab_size {mcfg.vocab_size} does not match the policy's "
-                          f"{policy.vocab_size} (same tokenizer needed)")
-    return freeze(build_inference_model(mcfg, step_dir, meta, trainer.ps))
-
-
 class Offload:
     """Keeps a frozen model on CPU between its passes when enabled."""
 
@@ -246,7 +232,8 @@ class RLStage(Stage):
         cfg = trainer.cfg
         (self.policy,) = trainer.chunks
         if cfg.checkpoint.pretrained:
-            ref = load_frozen(trainer, cfg.checkpoint.pretrained, "lm", "checkpoint.pretrained (reference)")
+            (ref,) = build_frozen_model(cfg, trainer.ps, cfg.checkpoint.pretrained, "lm",
+                                        what="checkpoint.pretrained (the reference)")
         elif trainer.state.step == 0:
             ref = frozen_copy(trainer, self.policy)  # the initial policy is the reference
         else:
@@ -254,8 +241,8 @@ class RLStage(Stage):
         self.ref = Offload(ref, trainer.device, cfg.rl.offload_ref)
         self.rm = None
         if cfg.reward.model:
-            self.rm = Offload(load_frozen(trainer, cfg.reward.model, "score", "reward.model"), trainer.device,
-                              cfg.rl.offload_ref)
+            (rm,) = build_frozen_model(cfg, trainer.ps, cfg.reward.model, "score", what="reward.model")
+            self.rm = Offload(rm, trainer.device, cfg.rl.offload_ref)
         self.ready = True
 
     # -- one step's data --------------------------------------------------------------------
@@ -361,7 +348,15 @@ class RLStage(Stage):
     def advantages(self, trainer, mbs: list[dict], scores: torch.Tensor, lengths: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def set_units(self, mb: dict, aggregation: str) -> None:
+        """The loss units of a micro-batch: real tokens (token_mean) or non-empty responses."""
+        m = mb["mask"]
+        mb["num_units"] = int(m.sum()) if aggregation == "token_mean" else int((m.sum(1) > 0).sum())
+
     # -- training ---------------------------------------------------------------------------
+    def loss_units(self, mb: dict) -> float:
+        return float(mb["num_units"])
+
     def forward(self, model: nn.Module, mb: dict, hidden):
         model.eval()  # dropout off in the update too, so it sees the distribution the rollout sampled
         with temperature_scale(model, self.temperature):

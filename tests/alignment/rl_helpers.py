@@ -46,3 +46,27 @@ def tiny_config(tmp: Path, *overrides: str):
           "optim.weight_decay=0", f"rl.prompts={write_prompts(tmp)}", "rl.group_size=8", "rl.max_new_tokens=8",
           "reward.function=tests.alignment.rl_helpers:lower_frac", "rl.kl_coef=0", *overrides]
     return load_config(None, ov)
+
+
+def save_score_model(tmp: Path, vocab_size: int | None = None, seed: int = 7) -> str:
+    """A reward-model checkpoint (score head) of the tiny architecture, at world size 1."""
+    import copy
+
+    import torch
+
+    from megalite.checkpoint import dist as ckpt
+    from megalite.config import Config
+    from megalite.data.tokenizer import build_tokenizer
+    from megalite.model import LlamaModel
+    from megalite.parallel.state import ParallelState
+
+    mcfg = copy.deepcopy(tiny_config(tmp).model)
+    mcfg.vocab_size = vocab_size or build_tokenizer("byte", "").vocab_size
+    mcfg.output_head = "score"
+    model = LlamaModel(mcfg, ParallelState())
+    model.init_weights(seed)
+    out = tmp / f"rm_{mcfg.vocab_size}"
+    ckpt.save_checkpoint(out, 1, [model], torch.optim.SGD(model.parameters(), lr=0.0), ParallelState(),
+                         Config(model=mcfg), {"consumed_samples": 0})
+    ckpt.wait_for_pending_save()
+    return str(out)
