@@ -20,6 +20,8 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -73,6 +75,8 @@ def load_reward_function(spec: str) -> Callable[[str, str], Any]:
     if ":" not in spec:
         raise ConfigError(f"reward.function '{spec}' is not of the form module:callable")
     module, name = spec.split(":", 1)
+    if os.getcwd() not in sys.path:  # a user's reward module beside the config, as `python -m` would find it
+        sys.path.append(os.getcwd())
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
@@ -231,6 +235,7 @@ class RLStage(Stage):
         """Models built after the trainer's policy exists (first step)."""
         cfg = trainer.cfg
         (self.policy,) = trainer.chunks
+        self.trainer = trainer
         if cfg.checkpoint.pretrained:
             (ref,) = build_frozen_model(cfg, trainer.ps, cfg.checkpoint.pretrained, "lm",
                                         what="checkpoint.pretrained (the reference)")
@@ -366,4 +371,11 @@ class RLStage(Stage):
         tokens = max(sums["tokens"], 1.0)
         out = {"kl": sums["kl"] / tokens, "clip_fraction": sums["clip_fraction"] / tokens, **self.step_metrics}
         out["time_train"] = time.time() - self.t_batches_done
+        tr = self.trainer
+        step = tr.state.step + 1  # the trainer counts the step after this call
+        if tr.is_logger and (step % tr.cfg.train.log_interval == 0 or step == tr.cfg.train.train_steps):
+            print(f"  {self.name} step {step} | reward {out['mean_reward']:.4f} | length {out['response_length']:.1f} | "
+                  f"kl {out['kl']:.4f} | clipped {out['clip_fraction']:.3f} | mismatch {out['logprob_mismatch']:.5f} | "
+                  f"rollout {out['time_rollout']:.2f}s logprob {out['time_logprob']:.2f}s train {out['time_train']:.2f}s",
+                  flush=True)
         return out

@@ -3,6 +3,8 @@ mismatch at TP1 and TP2, and a learning test on a verifiable toy reward."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,7 +30,7 @@ def _decode_rows(trainer, mb):
 
 
 def test_batch_carries_group_advantages_of_its_rewards(tmp_path):
-    trainer = _trainer(tmp_path, "rl.temperature=1.0")
+    trainer = _trainer(tmp_path, "rl.temperature=0.7")  # the log-prob passes must divide by it too
     mbs = trainer.stage.batches(trainer, trainer.train_ds, 0)
     assert len(mbs) == trainer.num_micro == 4
     rewards = torch.cat([mb["rewards"] for mb in mbs])
@@ -93,8 +95,6 @@ def test_grpo_raises_the_mean_reward(tmp_path):
 
 
 def _tp_worker(rank: int, world: int, tmp: str) -> list[dict]:
-    from pathlib import Path
-
     trainer = Trainer(tiny_config(Path(tmp), "parallel.tp=2", "train.train_steps=2", "rl.temperature=0.7"),
                       GRPOStage())
     return trainer.train()
@@ -107,3 +107,29 @@ def test_tp2_logprob_mismatch_and_ranks_agree(tmp_path):
         assert all(r["logprob_mismatch"] <= 1.001 for r in hist)
     keys = ("mean_reward", "kl", "logprob_mismatch", "loss", "response_length")
     assert [[r[k] for k in keys] for r in results[0]] == [[r[k] for k in keys] for r in results[1]]
+
+
+def test_mismatch_above_the_bound_warns_once(tmp_path):
+    trainer = _trainer(tmp_path, "train.train_steps=2", "rl.mismatch_bound=0.5")  # exp(|d|) >= 1 > 0.5
+    with pytest.warns(UserWarning, match="logprob_mismatch .* exceeds rl.mismatch_bound 0.5") as rec:
+        trainer.train()
+    assert sum("mismatch_bound" in str(w.message) for w in rec) == 1
+
+
+def _dp_worker(rank: int, world: int, tmp: str) -> tuple[list[dict], list[list[int]]]:
+    trainer = Trainer(tiny_config(Path(tmp), "train.train_steps=2", "train.global_batch_size=32",
+                                  "train.micro_batch_size=4"), GRPOStage())
+    mbs = trainer.stage.batches(trainer, trainer.train_ds, 0)
+    return trainer.train(), [row.tolist() for mb in mbs for row in mb["tokens"]]
+
+
+@pytest.mark.slow
+def test_dp2_ranks_take_their_prompts_and_log_the_same(tmp_path):
+    results = run_distributed(_dp_worker, 2, str(tmp_path))
+    (h0, rows0), (h1, rows1) = results
+    keys = ("mean_reward", "kl", "logprob_mismatch", "loss", "response_length", "clip_fraction")
+    assert [[r[k] for k in keys] for r in h0] == [[r[k] for k in keys] for r in h1]
+    # 16 answers per rank: rank 0 answers prompts x, y; rank 1 answers z, w (first token of each row)
+    tok = {p: ord(p) for p in "xyzw"}
+    assert {r[0] for r in rows0} == {tok["x"], tok["y"]} and {r[0] for r in rows1} == {tok["z"], tok["w"]}
+    assert all(r["logprob_mismatch"] <= 1.001 for r in h0)
