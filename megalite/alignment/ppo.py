@@ -115,9 +115,8 @@ class PPOStage(RLStage):
                 mb["advantages"] = torch.where(mb["mask"], (mb["advantages"] - mean) * inv, 0.0)
         for mb in mbs:
             self.set_units(mb, rl.aggregation)
-        self.train_critic(trainer, mbs)
 
-    def train_critic(self, trainer, mbs: list[dict]) -> None:
+    def update_critic(self, trainer, mbs: list[dict]) -> None:
         """`rl.ppo_epochs` optimizer steps of the critic on this rollout (grads are per-token means
         over the whole step on all DP ranks, as the trainer does for the policy)."""
         ps, t = trainer.ps, trainer.cfg.train

@@ -291,8 +291,11 @@ class RLStage(Stage):
         self.advantages(trainer, mbs, scores, lengths)
         for mb in mbs:
             mb["num_loss_tokens"] = int(mb["mask"].sum())
+        t4 = time.time()
+        self.update_critic(trainer, mbs)
+        t5 = time.time()
         stats = torch.tensor([float(scores.sum()), float(len(responses)), float(lengths.sum()), *mism.tolist(),
-                              t1 - t0, t2 - t1 + time.time() - t3, t3 - t2, float(has_eos.sum())],
+                              t1 - t0, t2 - t1 + t4 - t3, t3 - t2, float(has_eos.sum()), t5 - t4],
                              dtype=torch.float64, device=trainer.device)
         all_reduce(stats, ps.dp_group)
         s = stats.tolist()
@@ -300,6 +303,7 @@ class RLStage(Stage):
         self.step_metrics = {"mean_reward": s[0] / s[1], "response_length": s[2] / s[1],
                              "logprob_mismatch": s[3] / max(s[4], 1.0), "eos_fraction": s[8] / s[1],
                              "time_rollout": s[5] / dp, "time_score_adv": s[6] / dp, "time_logprob": s[7] / dp,
+                             "time_critic": s[9] / dp,
                              "rollout_tokens_per_sec": s[2] / max(s[5] / dp, 1e-9)}
         if self.step_metrics["logprob_mismatch"] > rl.mismatch_bound and not self.warned:
             self.warned = True
@@ -352,6 +356,9 @@ class RLStage(Stage):
 
     def advantages(self, trainer, mbs: list[dict], scores: torch.Tensor, lengths: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def update_critic(self, trainer, mbs: list[dict]) -> None:
+        """PPO trains its critic here, on the rollout just scored."""
 
     def set_units(self, mb: dict, aggregation: str) -> None:
         """The loss units of a micro-batch: real tokens (token_mean) or non-empty responses."""
