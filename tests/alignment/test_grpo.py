@@ -13,7 +13,7 @@ from megalite.alignment.grpo import GRPOStage
 from megalite.config import ConfigError
 from megalite.testing import run_distributed
 from megalite.training.trainer import Trainer
-from tests.alignment.rl_helpers import constant_for_x, lower_frac, tiny_config
+from tests.alignment.rl_helpers import constant_for_x, lower_frac, tiny_config, write_prompts
 
 
 def _trainer(tmp_path, *ov) -> Trainer:
@@ -133,3 +133,25 @@ def test_dp2_ranks_take_their_prompts_and_log_the_same(tmp_path):
     tok = {p: ord(p) for p in "xyzw"}
     assert {r[0] for r in rows0} == {tok["x"], tok["y"]} and {r[0] for r in rows1} == {tok["z"], tok["w"]}
     assert all(r["logprob_mismatch"] <= 1.001 for r in h0)
+
+
+def test_cli_runs_the_example_and_reports_a_bad_reward_in_one_line(tmp_path, capsys):
+    from megalite.cli import main
+
+    base = ["grpo", "--config", "examples/configs/grpo_tiny.yaml", f"train.run_dir={tmp_path / 'run'}",
+            "train.progress_bar=false"]
+    assert main([*base, "train.train_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "grpo step 2 | reward" in out and "mismatch 1.0000" in out
+    assert main([*base, "train.train_steps=1", f"train.run_dir={tmp_path / 'run2'}",
+                 f"rl.prompts={write_prompts(tmp_path)}", "reward.function=tests.alignment.rl_helpers:nan_on_y"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "returned nan" in err[0], err
+
+
+def test_toy_rewards():
+    from megalite.alignment.toy_rewards import lowercase_fraction, python_parses
+
+    assert python_parses("", "x = [1, 2]\n") == 1.0
+    assert python_parses("", "def (:") == 0.0 and python_parses("", "  ") == 0.0
+    assert lowercase_fraction("", "abC!") == 0.5 and lowercase_fraction("", "") == 0.0
