@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from megalite.config import load_config
@@ -32,8 +33,11 @@ def nan_on_y(prompt: str, response: str) -> float:
 
 
 def write_prompts(tmp: Path) -> str:
+    tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    part = tmp / f"prompts.{os.getpid()}.part"  # ranks of one test write it at once: replace atomically
+    part.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    os.replace(part, path)
     return str(path)
 
 

@@ -92,9 +92,31 @@ def _tp_worker(rank: int, world: int, tmp: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_tp2_logprob_mismatch_and_ranks_agree(tmp_path):
-    results = run_distributed(_tp_worker, 2, str(tmp_path))
+def test_tp2_matches_one_process_and_ranks_agree(tmp_path):
+    results = run_distributed(_tp_worker, 2, str(tmp_path / "tp2"))
     for hist in results:
         assert all(r["logprob_mismatch"] <= 1.001 for r in hist)
     keys = ("mean_reward", "kl", "logprob_mismatch", "loss", "value_loss")
     assert [[r[k] for k in keys] for r in results[0]] == [[r[k] for k in keys] for r in results[1]]
+    ref = Trainer(tiny_config(tmp_path / "tp1", *PPO, "train.train_steps=2", "rl.temperature=0.7"),
+                  PPOStage()).train()
+    for mine, want in zip(results[0], ref):
+        assert mine["mean_reward"] == pytest.approx(want["mean_reward"], abs=1e-9)
+        for k in ("loss", "value_loss", "kl"):
+            assert mine[k] == pytest.approx(want[k], abs=1e-5), k
+
+
+def _dp_worker(rank: int, world: int, tmp: str) -> tuple[list[dict], torch.Tensor]:
+    trainer = Trainer(tiny_config(Path(tmp), *PPO, "train.train_steps=2", "train.micro_batch_size=4"), PPOStage())
+    mbs = trainer.stage.batches(trainer, trainer.train_ds, 0)
+    return trainer.train(), torch.cat([mb["advantages"][mb["mask"]] for mb in mbs])
+
+
+@pytest.mark.slow
+def test_dp2_whitens_over_both_ranks_and_logs_the_same(tmp_path):
+    (h0, a0), (h1, a1) = run_distributed(_dp_worker, 2, str(tmp_path))
+    keys = ("mean_reward", "kl", "logprob_mismatch", "loss", "value_loss", "critic_grad_norm")
+    assert [[r[k] for k in keys] for r in h0] == [[r[k] for k in keys] for r in h1]
+    both = torch.cat([a0, a1]).double()
+    assert abs(float(both.mean())) < 1e-5 and float(both.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)
+    assert abs(float(a0.mean())) > 1e-3  # each rank alone is not whitened: the statistics were global
