@@ -12,19 +12,26 @@ The critic is a second model of the policy's architecture with the score head (i
 optimizer (same optim settings and lr schedule). It is trained inside the stage's data step, on the
 rollout it just scored: `rl.ppo_epochs` passes of the clipped value loss (`rl.value_clip`),
 each one optimizer step through the trainer's own forward/backward schedule. The policy then takes
-the trainer's step on the clipped surrogate. Not checkpointed yet: a resumed run restarts the
-critic from its initialization (docs/rl.md).
+the trainer's step on the clipped surrogate. The critic and the reward-norm moments are saved with
+every checkpoint in `<checkpoint dir>_critic` and resumed from there.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from megalite.alignment import rl as rlmath
 from megalite.alignment.rollout import RLStage, model_inputs, token_values
+from megalite.checkpoint.dist import (
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    wait_for_pending_save,
+)
 from megalite.checkpoint.pretrained import load_pretrained
 from megalite.config import Config, ConfigError
 from megalite.parallel.comm import all_reduce
@@ -84,6 +91,31 @@ class PPOStage(RLStage):
         self.critic = critic
         self.critic_opt = build_optimizer([critic], ccfg, trainer.ps)
         self.critic_step = CriticStep(self.rl.value_clip or None)
+        if trainer.state.step > 0:
+            self.load_critic(trainer)
+
+    def critic_dir(self, trainer) -> Path:
+        return Path(f"{trainer.ckpt_dir}_critic")
+
+    def on_save(self, trainer) -> None:
+        """The critic (weights + optimizer) and the reward-norm moments, at the policy's step, in
+        `<checkpoint dir>_critic` (the same retention and atomic commit as the policy's)."""
+        if not self.ready:
+            return
+        save_checkpoint(self.critic_dir(trainer), trainer.state.step, [self.critic], self.critic_opt, trainer.ps,
+                        self.critic_cfg, {"consumed_samples": trainer.state.consumed_samples,
+                                          "reward_moments": self.moments.state_dict()})
+
+    def load_critic(self, trainer) -> None:
+        root, step = self.critic_dir(trainer), trainer.state.step
+        wait_for_pending_save()
+        if resolve_checkpoint(root) is None:
+            raise ConfigError(f"ppo: resuming at step {step} needs the critic's checkpoint, not found in {root}")
+        meta = load_checkpoint(root, [self.critic], self.critic_opt, trainer.ps, self.critic_cfg)
+        if meta["step"] != step:
+            raise ConfigError(f"ppo: the critic's latest checkpoint in {root} is at step {meta['step']}, "
+                              f"the policy's at step {step}")
+        self.moments.load_state_dict(meta["reward_moments"])
 
     def extra_passes(self, trainer, mbs: list[dict]) -> None:
         for mb in mbs:

@@ -44,6 +44,9 @@ class Stage(TokenLoss):
     def reduce_metrics(self, sums: dict[str, float], num_units: float) -> dict[str, float]:
         return {}
 
+    def on_save(self, trainer: Trainer) -> None:
+        """Called after every checkpoint save, for state the stage owns beside the trainer's."""
+
     def describe(self, trainer: Trainer) -> str:
         """Extra words for the start banner (e.g. packing efficiency)."""
         return ""

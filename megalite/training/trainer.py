@@ -184,8 +184,10 @@ class Trainer:
         extra = {"consumed_samples": self.state.consumed_samples}
         if self.scaler.enabled:  # the same on every rank (overflows are reduced over all of them)
             extra["loss_scaler"] = self.scaler.state_dict()
-        return save_checkpoint(self.ckpt_dir, self.state.step, self.chunks, self.optimizer, self.ps,
+        path = save_checkpoint(self.ckpt_dir, self.state.step, self.chunks, self.optimizer, self.ps,
                                self.cfg, extra, self.rng)
+        self.stage.on_save(self)  # state the stage owns (PPO's critic), saved at the same step
+        return path
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> list[dict]:

@@ -163,3 +163,29 @@ def test_toy_rewards():
     assert python_parses("", "x = [1, 2]\n") == 1.0
     assert python_parses("", "def (:") == 0.0 and python_parses("", "  ") == 0.0
     assert lowercase_fraction("", "abC!") == 0.5 and lowercase_fraction("", "") == 0.0
+
+
+def test_resume_continues_the_run_exactly(tmp_path):
+    """Prompts by consumed samples, per-step seeds, and the reference from checkpoint.pretrained:
+    a run stopped after 2 steps and relaunched logs what an uninterrupted run logs at step 3."""
+    keys = ("mean_reward", "loss", "kl", "response_length", "logprob_mismatch")
+    init = Trainer(tiny_config(tmp_path / "init", "train.train_steps=1", "checkpoint.save_on_exit=true"),
+                   GRPOStage())
+    init.train()
+    pre = f"checkpoint.pretrained={init.ckpt_dir}"
+    full = Trainer(tiny_config(tmp_path / "full", "train.train_steps=3", "rl.kl_coef=0.05", pre), GRPOStage()).train()
+    part = tiny_config(tmp_path / "part", "train.train_steps=2", "rl.kl_coef=0.05", "checkpoint.save_on_exit=true",
+                       "checkpoint.load=auto", pre)
+    Trainer(part, GRPOStage()).train()
+    part.train.train_steps = 3
+    resumed = Trainer(part, GRPOStage())
+    assert resumed.state.step == 2
+    last = resumed.train()[-1]
+    assert [last[k] for k in keys] == pytest.approx([full[-1][k] for k in keys], abs=1e-6)
+    assert full[-1]["kl"] > 0  # the reference is the pretrained policy, not the resumed one
+
+    # without checkpoint.pretrained a resumed run has no reference: one line
+    bare = tiny_config(tmp_path / "part", "train.train_steps=3", "checkpoint.load=auto")
+    trainer = Trainer(bare, GRPOStage())
+    with pytest.raises(ConfigError, match="resuming needs checkpoint.pretrained"):
+        trainer.stage.batches(trainer, trainer.train_ds, 0)

@@ -120,3 +120,22 @@ def test_dp2_whitens_over_both_ranks_and_logs_the_same(tmp_path):
     both = torch.cat([a0, a1]).double()
     assert abs(float(both.mean())) < 1e-5 and float(both.std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)
     assert abs(float(a0.mean())) > 1e-3  # each rank alone is not whitened: the statistics were global
+
+
+def test_resume_restores_the_critic_and_reward_moments(tmp_path):
+    """A PPO run stopped after 2 steps and relaunched logs what an uninterrupted run logs at step 3:
+    the critic's weights and optimizer and the reward-norm moments come back from `<ckpt>_critic`."""
+    keys = ("mean_reward", "loss", "kl", "value_loss", "critic_grad_norm")
+    init = Trainer(tiny_config(tmp_path / "init", *PPO, "train.train_steps=1", "checkpoint.save_on_exit=true"),
+                   PPOStage())
+    init.train()
+    common = (*PPO, "rl.reward_norm=true", "rl.kl_coef=0.05", f"checkpoint.pretrained={init.ckpt_dir}")
+    full = Trainer(tiny_config(tmp_path / "full", *common, "train.train_steps=3"), PPOStage()).train()
+    part = tiny_config(tmp_path / "part", *common, "train.train_steps=2", "checkpoint.save_on_exit=true",
+                       "checkpoint.load=auto")
+    Trainer(part, PPOStage()).train()
+    part.train.train_steps = 3
+    resumed = Trainer(part, PPOStage())
+    last = resumed.train()[-1]
+    assert resumed.stage.moments.count == 3 * 32
+    assert [last[k] for k in keys] == pytest.approx([full[-1][k] for k in keys], abs=1e-6)
