@@ -187,5 +187,8 @@ def test_resume_continues_the_run_exactly(tmp_path):
     # without checkpoint.pretrained a resumed run has no reference: one line
     bare = tiny_config(tmp_path / "part", "train.train_steps=3", "checkpoint.load=auto")
     trainer = Trainer(bare, GRPOStage())
-    with pytest.raises(ConfigError, match="resuming needs checkpoint.pretrained"):
-        trainer.stage.batches(trainer, trainer.train_ds, 0)
+    try:
+        with pytest.raises(ConfigError, match="resuming needs checkpoint.pretrained"):
+            trainer.stage.batches(trainer, trainer.train_ds, 0)
+    finally:
+        trainer.run_lock.release()
