@@ -181,6 +181,23 @@ class GenerateConfig:
 
 
 @dataclass
+class RMConfig:
+    margin: float = 0.0  # Bradley-Terry: the chosen score must win by this much (0: plain BT)
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | simpo
+    label_smoothing: float = 0.0  # cDPO / SimPO: the probability that a label is flipped
+    gamma: float = 0.0  # SimPO's target margin
+    rpo_alpha: float = 0.0  # weight of the chosen answer's length-normalized NLL (RPO); 0: off
+    reference: str = "precompute"  # precompute (one pass before training, stored beside the data) | model
+    ref_checkpoint: str = ""  # the frozen reference's weights; empty: checkpoint.pretrained
+    offload_reference: bool = False  # reference=model: park it on the CPU while the policy trains
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -190,6 +207,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -331,13 +350,15 @@ _RANGES: dict[str, dict[str, str]] = {
                  "recompute_every": _POS},
     "optim": {"lr": _POS, "min_lr": _NONNEG, "weight_decay": _NONNEG, "beta1": _PROB, "beta2": _PROB,
               "eps": _POS, "warmup_steps": _NONNEG, "wsd_decay_fraction": _FRAC, "clip_grad": _NONNEG},
-    "train": {"seq_len": _POS, "micro_batch_size": _POS, "global_batch_size": _POS, "train_steps": _POS,
+    "train": {"seq_len": _POS, "micro_batch_size": _POS, "global_batch_size": _POS, "train_steps": _NONNEG,
               "seed": _NONNEG, "loss_scale": _NONNEG, "log_interval": _POS, "eval_interval": _NONNEG,
               "eval_steps": _POS, "exit_interval": _NONNEG},
     "checkpoint": {"save_interval": _NONNEG, "keep_last": _NONNEG},
     "lora": {"rank": _NONNEG, "alpha": _POS, "dropout": _PROB},
     "generate": {"max_new_tokens": _NONNEG, "temperature": _NONNEG, "top_k": _NONNEG, "top_p": _POS,
                  "seed": _NONNEG, "batch_size": _POS},
+    "rm": {"margin": _NONNEG},
+    "dpo": {"beta": _POS, "label_smoothing": _PROB, "gamma": _NONNEG, "rpo_alpha": _NONNEG},
 }
 
 
