@@ -31,6 +31,8 @@ class Stage(TokenLoss):
 
     name = "stage"
     perplexity = True  # the loss is a token cross-entropy: log exp(eval_loss) as eval_ppl
+    evaluates_checkpoint = False  # train.train_steps=0 evaluates the loaded weights (megalite rm)
+    pretrained_fresh: tuple[str, ...] = ()  # heads checkpoint.pretrained may lack (they keep their init)
 
     def build_datasets(self, trainer: Trainer) -> tuple[Any, Any | None]:
         raise NotImplementedError

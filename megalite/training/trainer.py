@@ -59,6 +59,9 @@ class Trainer:
         self.cfg = cfg
         self.stage = stage if stage is not None else PretrainStage()
         t, m = cfg.train, cfg.model
+        if t.train_steps == 0 and not self.stage.evaluates_checkpoint:
+            raise ConfigError(f"train.train_steps must be > 0 for megalite {self.stage.name} (0 only evaluates a "
+                              f"checkpoint, with megalite rm)")
         # Validate everything cheap before any process group or data work: bad input fails fast.
         self.device = resolve_device(t.device)
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))

@@ -30,6 +30,7 @@ def preference_shard(d: Path, n: int = 64, seed: int = 0) -> str:
 
 def sft_checkpoint(d: Path, steps: int = 1, *extra: str) -> str:
     """A short SFT run's checkpoint (prompts with chosen answers), standing in for a policy's start."""
+    d.mkdir(parents=True, exist_ok=True)
     recs = preference_records(32, seed=99)
     src = write_jsonl(d / "chat.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in recs])
     preprocess([str(src)], str(d / "chat"), "byte", mode="chat", workers=0, progress=False)
