@@ -192,3 +192,25 @@ def test_resume_continues_the_run_exactly(tmp_path):
             trainer.stage.batches(trainer, trainer.train_ds, 0)
     finally:
         trainer.run_lock.release()
+
+
+def test_prompt_files(tmp_path):
+    from megalite.alignment.rollout import load_prompts
+    from megalite.config import load_config
+    from megalite.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer("byte", "")
+    f = tmp_path / "p.jsonl"
+
+    def load(text: str):
+        f.write_text(text)
+        return load_prompts(load_config(None, [f"rl.prompts={f}"]), tok)
+
+    assert load('{"tokens": [5, 6]}\n\n{"tokens": [7]}\n') == [[5, 6], [7]]
+    assert load('{"prompt": "ab"}\n') == [tok.encode("ab")]
+    chat = load('{"messages": [{"role": "user", "content": "hi"}]}\n')[0]
+    assert tok.decode(chat).endswith("hiassistant\n\n") and len(chat) > len(tok.encode("hi"))  # template markers
+    with pytest.raises(ConfigError, match=r"p.jsonl:2: \"tokens\" must be a non-empty list"):
+        load('{"tokens": [1]}\n{"tokens": []}\n')
+    with pytest.raises(ConfigError, match=r"p.jsonl:1: not valid JSON"):
+        load("{nope\n")
