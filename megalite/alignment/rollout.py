@@ -295,10 +295,14 @@ class RLStage(Stage):
         self.update_critic(trainer, mbs)
         t5 = time.time()
         stats = torch.tensor([float(scores.sum()), float(len(responses)), float(lengths.sum()), *mism.tolist(),
-                              t1 - t0, t2 - t1 + t4 - t3, t3 - t2, float(has_eos.sum()), t5 - t4],
-                             dtype=torch.float64, device=trainer.device)
+                              t1 - t0, t2 - t1 + t4 - t3, t3 - t2, float(has_eos.sum()), t5 - t4,
+                              float(sum(mb["num_units"] for mb in mbs))], dtype=torch.float64, device=trainer.device)
         all_reduce(stats, ps.dp_group)
         s = stats.tolist()
+        if s[10] == 0 and ps.dp_rank == 0:
+            # Nothing carries loss this step (e.g. DAPO dropped every group): the loss sums are 0, and
+            # one nominal unit keeps the trainer's normalization finite, so the grads are exactly 0.
+            mbs[0]["num_units"] = 1
         dp = float(ps.dp)
         self.step_metrics = {"mean_reward": s[0] / s[1], "response_length": s[2] / s[1],
                              "logprob_mismatch": s[3] / max(s[4], 1.0), "eos_fraction": s[8] / s[1],

@@ -214,3 +214,14 @@ def test_prompt_files(tmp_path):
         load('{"tokens": [1]}\n{"tokens": []}\n')
     with pytest.raises(ConfigError, match=r"p.jsonl:1: not valid JSON"):
         load("{nope\n")
+
+
+def test_a_step_whose_groups_are_all_dropped_changes_nothing(tmp_path):
+    trainer = _trainer(tmp_path, "reward.function=tests.alignment.rl_helpers:constant", "rl.drop_uniform_groups=true",
+                       "train.train_steps=1")
+    before = {k: v.clone() for k, v in trainer.chunks[0].state_dict().items()}
+    (rec,) = trainer.train()
+    assert rec["loss"] == 0.0 and rec["grad_norm"] == 0.0 and rec["mean_reward"] == 1.0
+    # Adam's first step from zero grads and zero moments moves nothing (weight decay is 0 here)
+    for k, v in trainer.chunks[0].state_dict().items():
+        assert torch.equal(v, before[k]), k
