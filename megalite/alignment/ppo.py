@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from megalite.alignment import rl as rlmath
-from megalite.alignment.rollout import RLStage, model_inputs, token_values
+from megalite.alignment.rollout import RLStage, forward_pass, model_inputs
 from megalite.checkpoint.dist import (
     load_checkpoint,
     resolve_checkpoint,
@@ -34,7 +34,7 @@ from megalite.checkpoint.dist import (
 )
 from megalite.checkpoint.pretrained import load_pretrained
 from megalite.config import Config, ConfigError
-from megalite.parallel.comm import all_reduce
+from megalite.parallel.comm import all_reduce, broadcast
 from megalite.parallel.finalize import finalize_grads
 from megalite.training.build import build_model
 from megalite.training.lr_schedule import lr_at
@@ -52,7 +52,7 @@ class CriticStep:
 
     def forward(self, model, mb: dict, hidden):
         model.eval()  # dropout off in every model
-        return model(**model_inputs(model, mb, labels=False))
+        return model(**model_inputs(model, mb, hidden, labels=False))
 
     def loss(self, output: torch.Tensor, mb: dict):
         m = mb["mask"]
@@ -118,16 +118,18 @@ class PPOStage(RLStage):
         self.moments.load_state_dict(meta["reward_moments"])
 
     def extra_passes(self, trainer, mbs: list[dict]) -> None:
-        for mb in mbs:
-            with trainer.autocast():
-                mb["values"] = token_values(self.critic, mb)
+        forward_pass(trainer, self.critic, mbs, lambda out, mb: mb.__setitem__("values", out), labels=False)
 
     @torch.no_grad()
     def advantages(self, trainer, mbs: list[dict], scores: torch.Tensor, lengths: torch.Tensor) -> None:
         rl, ps = self.rl, trainer.ps
+        for mb in mbs:
+            self.set_units(mb, rl.aggregation)
         if rl.reward_norm:  # scale only: shifting the score would change the KL/score balance per token
-            self.moments.update(scores, group=ps.dp_group if ps.dp > 1 else None)
+            self.moments.update(scores, group=ps.dp_group if ps.dp > 1 else None)  # on every stage: checkpointed
             scores = self.moments.normalize(scores, shift_mean=False)
+        if not ps.is_last_stage:
+            return  # log-probs and values live on the last pipeline stage, and so do the advantages
         start = 0
         for mb in mbs:
             b = mb["tokens"].shape[0]
@@ -145,8 +147,6 @@ class PPOStage(RLStage):
             inv = (max(sq / max(n, 1.0) - mean * mean, 0.0) + 1e-8) ** -0.5
             for mb in mbs:
                 mb["advantages"] = torch.where(mb["mask"], (mb["advantages"] - mean) * inv, 0.0)
-        for mb in mbs:
-            self.set_units(mb, rl.aggregation)
 
     def update_critic(self, trainer, mbs: list[dict]) -> None:
         """`rl.ppo_epochs` optimizer steps of the critic on this rollout (grads are per-token means
@@ -167,6 +167,7 @@ class PPOStage(RLStage):
             grad_norm = self.critic_opt.step(lr)
             vals = torch.stack([sums["loss"].double(), sums["vf_clip_fraction"].double()])
             all_reduce(vals, ps.dp_group)
+            broadcast(vals, src=ps.pp_ranks[-1], group=ps.pp_group)
             losses.append((vals / n).tolist() + [float(grad_norm)])
         self.critic_metrics = {"value_loss": losses[-1][0], "vf_clip_fraction": losses[-1][1],
                                "critic_grad_norm": losses[-1][2]}

@@ -11,8 +11,9 @@
     advantages  the subclass's (`advantages()`): GRPO group-normalized, PPO GAE with a critic
 
 and returns micro-batches whose `labels` mark the response tokens. Rows are prompt + response,
-right-padded with the pad id (never eos); `mask` = labels != -100. Pipeline parallelism is not
-supported by these passes yet (ConfigError); TP and DP are.
+right-padded with the pad id (never eos); `mask` = labels != -100. The model passes run through the
+layout's schedule forward-only, so TP, PP and DP work; their results (log-probs, values, scores)
+land on the last pipeline stage, which alone computes the loss.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from megalite.alignment.frozen import build_frozen_model
 from megalite.config import Config, ConfigError
 from megalite.generation import generate
 from megalite.generation.prompts import read_prompts, render_prompt
-from megalite.parallel.comm import all_reduce
+from megalite.parallel.comm import all_reduce, broadcast
 from megalite.parallel.cross_entropy import IGNORE_INDEX
 from megalite.training.batch import batch_to_device
 from megalite.training.stage import Stage
@@ -129,31 +130,43 @@ class temperature_scale:
             self.handle.remove()
 
 
-def model_inputs(model: nn.Module, mb: dict, labels: bool = True) -> dict:
-    return dict(tokens=mb["tokens"], labels=mb["labels"] if labels else None,
+def model_inputs(model: nn.Module, mb: dict, hidden: torch.Tensor | None = None, labels: bool = True) -> dict:
+    """One chunk's inputs: tokens on the first pipeline stage, `hidden` after; labels on the last."""
+    return dict(tokens=mb["tokens"] if model.pre_process else None, hidden=hidden,
+                labels=mb["labels"] if labels and model.post_process else None,
                 position_ids=mb.get("position_ids"), doc_ids=mb.get("doc_ids"))
 
 
+class _Pass:
+    """A forward-only pass step: the model's own forward, then `store(output, mb)` on the last stage."""
+
+    metric_names: tuple[str, ...] = ()
+
+    def __init__(self, store, labels: bool) -> None:
+        self.store, self.labels = store, labels
+
+    def forward(self, model: nn.Module, mb: dict, hidden):
+        return model(**model_inputs(model, mb, hidden, self.labels))
+
+    def loss(self, output: torch.Tensor, mb: dict):
+        self.store(output.detach().float(), mb)
+        return output.new_zeros(()), {}
+
+
 @torch.no_grad()
-def token_logps(model: nn.Module, mb: dict, temperature: float) -> torch.Tensor:
-    """log p(label) [b, s] of every position (garbage where labels are -100), dropout off."""
+def forward_pass(trainer, model: nn.Module, mbs: list[dict], store, labels: bool = True,
+                 temperature: float = 1.0) -> None:
+    """Runs `model` (this rank's chunk) over `mbs` through the layout's schedule, forward only, in
+    eval mode (no dropout) and with the logits divided by `temperature`; on the last pipeline
+    stage `store(output, mb)` gets each micro-batch's per-token CE (lm head with labels) or scores."""
     was = model.training
     model.eval()
     try:
-        with temperature_scale(model, temperature):
-            return -model(**model_inputs(model, mb)).float()
+        with temperature_scale(model, temperature), trainer.autocast():
+            trainer.forward_backward([model], mbs, trainer.ps, num_units=1.0, step=_Pass(store, labels),
+                                     forward_only=True)
     finally:
         model.train(was)
-
-
-@torch.no_grad()
-def token_values(critic: nn.Module, mb: dict) -> torch.Tensor:
-    was = critic.training
-    critic.eval()
-    try:
-        return critic(**model_inputs(critic, mb, labels=False)).float()
-    finally:
-        critic.train(was)
 
 
 def frozen_copy(trainer, chunk: nn.Module) -> nn.Module:
@@ -209,8 +222,9 @@ class RLStage(Stage):
     # -- setup ------------------------------------------------------------------------------
     def build_datasets(self, trainer) -> tuple[Any, Any | None]:
         cfg, t, rl = trainer.cfg, trainer.cfg.train, trainer.cfg.rl
-        if cfg.parallel.pp > 1 or cfg.parallel.sp:
-            raise ConfigError(f"{self.name}: parallel.pp > 1 and parallel.sp are not supported yet (TP and DP are)")
+        if cfg.parallel.sp or cfg.parallel.vpp > 1:
+            raise ConfigError(f"{self.name}: parallel.sp and parallel.vpp > 1 are not supported (the rollout's "
+                              f"generator runs without them); TP, PP and DP are")
         local = t.global_batch_size // trainer.dp
         if local % self.group:
             raise ConfigError(f"{self.name}: train.global_batch_size {t.global_batch_size} / DP {trainer.dp} = {local} "
@@ -275,15 +289,16 @@ class RLStage(Stage):
         scores = self.score(trainer, prompts, responses, [i for i in index for _ in range(G)], mbs)
         scores = scores - rl.no_eos_penalty * (~has_eos).double()
         t2 = time.time()
-        for mb in mbs:
-            with trainer.autocast():
-                mb["old_logps"] = token_logps(self.policy, mb, rl.temperature)
-                with self.ref as ref:
-                    mb["ref_logps"] = token_logps(ref, mb, rl.temperature)
+        # Log-probs land on the last pipeline stage, the only one that computes a loss.
+        forward_pass(trainer, self.policy, mbs, lambda out, mb: mb.__setitem__("old_logps", -out),
+                     temperature=rl.temperature)
+        with self.ref as ref:
+            forward_pass(trainer, ref, mbs, lambda out, mb: mb.__setitem__("ref_logps", -out),
+                         temperature=rl.temperature)
         self.extra_passes(trainer, mbs)
         t3 = time.time()
         mism = torch.zeros(2, dtype=torch.float64)
-        for mb in mbs:  # before advantages(): DAPO may drop rows from the loss, not from this check
+        for mb in mbs if ps.is_last_stage else ():  # before advantages(): DAPO may drop rows from the loss
             m = mb["mask"]
             d = (mb["old_logps"] - mb["rollout_logps"]).abs().double()
             mism += torch.stack([torch.where(m, d.exp(), 0.0).sum().cpu(), m.sum().double().cpu()])
@@ -298,6 +313,7 @@ class RLStage(Stage):
                               t1 - t0, t2 - t1 + t4 - t3, t3 - t2, float(has_eos.sum()), t5 - t4,
                               float(sum(mb["num_units"] for mb in mbs))], dtype=torch.float64, device=trainer.device)
         all_reduce(stats, ps.dp_group)
+        broadcast(stats, src=ps.pp_ranks[-1], group=ps.pp_group)  # every rank logs the last stage's figures
         s = stats.tolist()
         if s[10] == 0 and ps.dp_rank == 0:
             # Nothing carries loss this step (e.g. DAPO dropped every group): the loss sums are 0, and
@@ -346,13 +362,21 @@ class RLStage(Stage):
             vals = call_reward_function(self.reward_fn, trainer.cfg.reward.function,
                                         [tok.decode(p) for p in prompts], texts, prompt_index)
             return torch.tensor(vals, dtype=torch.float64)
-        out = []
+        # Whole rows (prompt + answer, pads after: causal attention never sees them), read at the
+        # last real token on the last pipeline stage, then sent to the pipeline's other stages.
+        rows = [{"tokens": mb["full_tokens"], "labels": None, "last_index": mb["last_index"]} for mb in mbs]
+
+        def store(out: torch.Tensor, mb: dict) -> None:
+            mb["score"] = out.gather(1, mb["last_index"][:, None]).squeeze(1)
+
         with self.rm as rm:
-            for mb in mbs:
-                with trainer.autocast():
-                    s = rm(tokens=mb["full_tokens"])  # [b, s+1]; causal: the pads after the end are not seen
-                out.append(s.float().gather(1, mb["last_index"][:, None]).squeeze(1).double().cpu())
-        return torch.cat(out)
+            forward_pass(trainer, rm, rows, store, labels=False)
+        b = sum(mb["tokens"].shape[0] for mb in mbs)
+        ps = trainer.ps
+        scores = torch.cat([r["score"] for r in rows]).double() if ps.is_last_stage else \
+            torch.zeros(b, dtype=torch.float64, device=trainer.device)
+        broadcast(scores, src=ps.pp_ranks[-1], group=ps.pp_group)
+        return scores.cpu()
 
     # -- subclass hooks ---------------------------------------------------------------------
     def extra_passes(self, trainer, mbs: list[dict]) -> None:
@@ -376,7 +400,7 @@ class RLStage(Stage):
     def forward(self, model: nn.Module, mb: dict, hidden):
         model.eval()  # dropout off in the update too, so it sees the distribution the rollout sampled
         with temperature_scale(model, self.temperature):
-            return model(**model_inputs(model, mb))
+            return model(**model_inputs(model, mb, hidden))
 
     def reduce_metrics(self, sums: dict[str, float], num_units: float) -> dict[str, float]:
         tokens = max(sums["tokens"], 1.0)

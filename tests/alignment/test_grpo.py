@@ -225,3 +225,22 @@ def test_a_step_whose_groups_are_all_dropped_changes_nothing(tmp_path):
     # Adam's first step from zero grads and zero moments moves nothing (weight decay is 0 here)
     for k, v in trainer.chunks[0].state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def _pp_worker(rank: int, world: int, tmp: str) -> list[dict]:
+    return Trainer(tiny_config(Path(tmp), "parallel.pp=2", "train.train_steps=2", "rl.temperature=0.7",
+                               "rl.kl_coef=0.05"), GRPOStage()).train()
+
+
+@pytest.mark.slow
+def test_pp2_matches_one_process(tmp_path):
+    results = run_distributed(_pp_worker, 2, str(tmp_path / "pp2"))
+    ref = Trainer(tiny_config(tmp_path / "pp1", "train.train_steps=2", "rl.temperature=0.7", "rl.kl_coef=0.05"),
+                  GRPOStage()).train()
+    keys = ("mean_reward", "kl", "logprob_mismatch", "loss", "clip_fraction")
+    assert [[r[k] for k in keys] for r in results[0]] == [[r[k] for k in keys] for r in results[1]]
+    for mine, want in zip(results[0], ref):
+        assert mine["mean_reward"] == pytest.approx(want["mean_reward"], abs=1e-9)
+        assert mine["logprob_mismatch"] <= 1.001
+        for k in ("loss", "kl"):
+            assert mine[k] == pytest.approx(want[k], abs=1e-5), k

@@ -140,3 +140,23 @@ def test_resume_restores_the_critic_and_reward_moments(tmp_path):
     last = resumed.train()[-1]
     assert resumed.stage.moments.count == 3 * 32
     assert [last[k] for k in keys] == pytest.approx([full[-1][k] for k in keys], abs=1e-6)
+
+
+def _pp_worker(rank: int, world: int, tmp: str, rm_dir: str) -> list[dict]:
+    return Trainer(tiny_config(Path(tmp), *PPO, "parallel.pp=2", "train.train_steps=2", "rl.temperature=0.7",
+                               "reward.function=", f"reward.model={rm_dir}", "rl.reward_norm=true"), PPOStage()).train()
+
+
+@pytest.mark.slow
+def test_pp2_with_a_reward_model_matches_one_process(tmp_path):
+    rm_dir = save_score_model(tmp_path)  # scores, critic init and critic training split over 2 stages
+    results = run_distributed(_pp_worker, 2, str(tmp_path / "pp2"), rm_dir)
+    ref = Trainer(tiny_config(tmp_path / "pp1", *PPO, "train.train_steps=2", "rl.temperature=0.7",
+                              "reward.function=", f"reward.model={rm_dir}", "rl.reward_norm=true"), PPOStage()).train()
+    keys = ("mean_reward", "kl", "logprob_mismatch", "loss", "value_loss", "critic_grad_norm")
+    assert [[r[k] for k in keys] for r in results[0]] == [[r[k] for k in keys] for r in results[1]]
+    for mine, want in zip(results[0], ref):
+        assert mine["mean_reward"] == pytest.approx(want["mean_reward"], abs=1e-5)
+        assert mine["logprob_mismatch"] <= 1.001
+        for k in ("loss", "value_loss", "kl", "critic_grad_norm"):
+            assert mine[k] == pytest.approx(want[k], abs=1e-5), k
