@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megalite.parallel.async_linear import column_parallel_linear
 from megalite.parallel.mappings import (
     copy_to_tp,
     gather_from_sequence,
@@ -57,8 +58,11 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.ps.tp_group
-        x = gather_from_sequence(x, g) if self.ps.sp else copy_to_tp(x, g)
-        y = F.linear(x, self.weight, self.bias)
+        if self.ps.tp > 1 and self.ps.tp_comm_overlap:  # backward overlaps its collective (async_linear.py)
+            y = column_parallel_linear(x, self.weight, self.bias, g, self.ps.sp)
+        else:
+            x = gather_from_sequence(x, g) if self.ps.sp else copy_to_tp(x, g)
+            y = F.linear(x, self.weight, self.bias)
         return gather_from_tp(y, g) if self.gather_output else y
 
 

@@ -56,7 +56,8 @@ def resume_or_initialize(trainer) -> tuple[dict | None, str]:
         return None, (f"initialized the LoRA base from {trainer.lora_base['path']} (adapters fresh, step 0; "
                       f"{own} has no checkpoint yet)")
     if ck.pretrained:
-        step_dir = load_pretrained(ck.pretrained, trainer.chunks, trainer.optimizer, trainer.ps)
+        step_dir = load_pretrained(ck.pretrained, trainer.chunks, trainer.optimizer, trainer.ps,
+                                   fresh=trainer.stage.pretrained_fresh)
         return None, (f"initialized from pretrained weights {step_dir} (weights only: fresh optimizer, step 0; "
                       f"{own} has no checkpoint yet)")
     where = f"no checkpoint in {own}" if ck.load == "auto" else "checkpoint.load is empty"

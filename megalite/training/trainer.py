@@ -61,6 +61,9 @@ class Trainer:
         self.cfg = cfg
         self.stage = stage if stage is not None else PretrainStage()
         t, m = cfg.train, cfg.model
+        if t.train_steps == 0 and not self.stage.evaluates_checkpoint:
+            raise ConfigError(f"train.train_steps must be > 0 for megalite {self.stage.name} (0 only evaluates a "
+                              f"checkpoint, with megalite rm)")
         # Validate everything cheap before any process group or data work: bad input fails fast.
         self.device = resolve_device(t.device)
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
@@ -196,8 +199,10 @@ class Trainer:
         extra = {"consumed_samples": self.state.consumed_samples}
         if self.scaler.enabled:  # the same on every rank (overflows are reduced over all of them)
             extra["loss_scaler"] = self.scaler.state_dict()
-        return save_checkpoint(self.ckpt_dir, self.state.step, self.chunks, self.optimizer, self.ps,
+        path = save_checkpoint(self.ckpt_dir, self.state.step, self.chunks, self.optimizer, self.ps,
                                self.cfg, extra, self.rng, base=self.lora_base)
+        self.stage.on_save(self)  # state the stage owns (PPO's critic), saved at the same step
+        return path
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> list[dict]:
