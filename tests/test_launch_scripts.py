@@ -34,11 +34,15 @@ def _world(text: str) -> int:
                         else nproc)
 
 
-def _check(config: Path, world: int) -> int:
+def _check(config: Path, world: int, stage: str) -> int:
     cfg = load_config(config)
     dp = check_layout(cfg.model, cfg.parallel, cfg.train, world)
     check_step_schedule(cfg, dp)
     split_layers(cfg.model.num_layers, cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.pp_layer_split)
+    if stage in ("grpo", "ppo"):  # the rollout's own start-up checks (megalite/alignment/rollout.py)
+        assert not cfg.parallel.sp and cfg.parallel.vpp == 1
+        assert (cfg.train.global_batch_size // dp) % cfg.rl.group_size == 0
+        assert bool(cfg.reward.function) != bool(cfg.reward.model)
     return dp
 
 
@@ -63,7 +67,7 @@ def test_script_config_fits_its_world_size(script):
     else:
         stage = _default(text, "STAGE")
     world = _world(text)
-    dp = _check(ROOT / config, world)
+    dp = _check(ROOT / config, world, stage)
     if script.name in EXPECTED:
         assert (stage, Path(config).name, world, dp) == EXPECTED[script.name]
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
