@@ -94,6 +94,7 @@ MID = ["model.vocab_size=512", "model.hidden_size=512", "model.num_layers=8", "m
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc (VmHWM reset)")
 @pytest.mark.parametrize("name, overrides", [("tiny", ["model.vocab_size=512"]), ("mid", MID)])
 def test_memory_estimate_matches_cpu_peak(name, overrides):
     """The estimate (fp32 activations on CPU) within 15% of the measured resident peak of two real
