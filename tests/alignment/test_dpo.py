@@ -155,7 +155,8 @@ def test_frozen_reference_has_no_grads_and_no_dropout(tmp_path, data):
 LAYOUTS = {"tp2-sp-model": ["parallel.tp=2", "parallel.sp=true", "dpo.reference=model"],
            "tp2-sp-precompute": ["parallel.tp=2", "parallel.sp=true", "dpo.reference=precompute"],
            "pp2-precompute": ["parallel.pp=2", "dpo.reference=precompute"],
-           "pp2-model": ["parallel.pp=2", "dpo.reference=model"]}
+           "pp2-model": ["parallel.pp=2", "dpo.reference=model"],
+           "dp2-precompute": ["dpo.reference=precompute"]}  # each DP rank computes half of the table
 
 
 def _layouts(rank: int, world: int, root: str, shard: str, sft: str) -> dict:
