@@ -71,6 +71,9 @@ def offload_chunks(chunks: list[nn.Module]) -> None:
         c.to("cpu")
 
 
+offload = offload_chunks  # the name the RL stages use
+
+
 def to_device(chunks: list[nn.Module], device: torch.device) -> None:
     for c in chunks:
         c.to(device)

@@ -4,6 +4,7 @@ log-probs under every loss_impl, the loss variants, bad references, and TP2+SP /
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,7 +156,8 @@ def test_frozen_reference_has_no_grads_and_no_dropout(tmp_path, data):
 LAYOUTS = {"tp2-sp-model": ["parallel.tp=2", "parallel.sp=true", "dpo.reference=model"],
            "tp2-sp-precompute": ["parallel.tp=2", "parallel.sp=true", "dpo.reference=precompute"],
            "pp2-precompute": ["parallel.pp=2", "dpo.reference=precompute"],
-           "pp2-model": ["parallel.pp=2", "dpo.reference=model"]}
+           "pp2-model": ["parallel.pp=2", "dpo.reference=model"],
+           "dp2-precompute": ["dpo.reference=precompute"]}  # each DP rank computes half of the table
 
 
 def _layouts(rank: int, world: int, root: str, shard: str, sft: str) -> dict:
@@ -174,3 +176,9 @@ def test_dpo_layouts_match_one_process(tmp_path, data):
     for result in run_distributed(_layouts, 2, str(tmp_path), shard, sft):
         for name, curve in result.items():
             _same(curve, ref, rel=2e-4, abs_=2e-5, what=name)
+    # The stored tables (written by rank 0: the first pipeline stage under PP2, one of two DP ranks
+    # under DP2) hold every pair's reference log-probs, as one process computes them.
+    (want,) = sorted((tmp_path / "one" / "cache" / "ref_logps").glob("train-*.npy"))
+    for name in (n for n in LAYOUTS if n.endswith("precompute")):
+        got = tmp_path / name / "cache" / "ref_logps" / want.name  # the key does not depend on the layout
+        np.testing.assert_allclose(np.load(got), np.load(want), rtol=1e-5, atol=1e-4, err_msg=name)

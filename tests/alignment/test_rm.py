@@ -1,5 +1,5 @@
 """`megalite rm`: the score at each row's last real token, Bradley-Terry with a margin, pairwise accuracy
-at train and eval, `train.train_steps=0` evaluation, SFT-checkpoint start, and TP2+SP vs one process."""
+at train and eval, `train.train_steps=0` evaluation, SFT-checkpoint start, and TP2+SP / PP2 vs one process."""
 
 from __future__ import annotations
 
@@ -114,15 +114,18 @@ def _curve(h: list[dict]) -> list[tuple]:
     return [(r["loss"], r["grad_norm"], r["reward_accuracy"], r["margin"], r["chosen_reward"]) for r in h]
 
 
-def _tp2(rank: int, world: int, run_dir: str, shard: str, sft: str) -> list[tuple]:
-    return _curve(_rm(run_dir, shard, f"checkpoint.pretrained={sft}", "train.train_steps=3", "parallel.tp=2",
-                      "parallel.sp=true", "rm.margin=0.25"))
+def _layouts(rank: int, world: int, root: str, shard: str, sft: str) -> dict:
+    layouts = {"tp2-sp": ["parallel.tp=2", "parallel.sp=true"], "pp2": ["parallel.pp=2"]}
+    return {name: _curve(_rm(f"{root}/{name}", shard, f"checkpoint.pretrained={sft}", "train.train_steps=3",
+                             "rm.margin=0.25", *extra)) for name, extra in layouts.items()}
 
 
 @pytest.mark.slow
-def test_rm_tp2_sp_matches_one_process(tmp_path, data):
+def test_rm_layouts_match_one_process(tmp_path, data):
     shard, sft = data
     ref = _curve(_rm(tmp_path / "one", shard, f"checkpoint.pretrained={sft}", "train.train_steps=3", "rm.margin=0.25"))
-    for curve in run_distributed(_tp2, 2, str(tmp_path / "tp2"), shard, sft):
-        for step, (got, want) in enumerate(zip(curve, ref, strict=True)):
-            assert got == pytest.approx(want, rel=2e-4, abs=2e-5), f"step {step + 1}"
+    assert ref[-1][0] < ref[0][0]  # it learns
+    for result in run_distributed(_layouts, 2, str(tmp_path), shard, sft):
+        for name, curve in result.items():
+            for step, (got, want) in enumerate(zip(curve, ref, strict=True)):
+                assert got == pytest.approx(want, rel=2e-4, abs=2e-5), f"{name} step {step + 1}"
