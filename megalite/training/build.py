@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from megalite.config import Config
 from megalite.model import LlamaModel
+from megalite.model.compile import compile_layers
 from megalite.model.recompute import apply_recompute
 from megalite.parallel.pipeline import check_schedule, stage_specs
 from megalite.parallel.rng import RNGTracker
@@ -33,5 +34,7 @@ def build_model(cfg: Config, ps: ParallelState, rng: RNGTracker | None,
                            post_process=spec.post_process, device=ps.device)
         model.init_weights(t.seed)
         apply_recompute(model, par.recompute, par.recompute_every)
+        if t.compile:
+            compile_layers(model)
         chunks.append(model)
     return chunks
