@@ -26,8 +26,10 @@ setup(
     install_requires=["numpy", "pyyaml", "safetensors", "sentencepiece", "tokenizers", "tiktoken",
                       "zstandard", "pyarrow", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "ruff", "triton>=3.0", "transformers"],
+        # torchao declares no torch requirement, so it never pulls another torch build.
+        "test": ["pytest", "pytest-timeout", "ruff", "triton>=3.0", "transformers", "torchao==0.18.0"],
         "triton": ["triton>=3.0"],
+        "fp8-torchao": ["torchao==0.18.0"],  # train.fp8_backend=torchao
     },
     entry_points={"console_scripts": ["megalite=megalite.cli:main"]},
 )

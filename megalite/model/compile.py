@@ -8,10 +8,11 @@ their vocab-parallel collectives and Triton kernels gain nothing from being trac
 What is compiled is `DecoderLayer._forward`, the body inside the full-recompute checkpoint, so
 activation checkpointing stays an eager wrapper around a compiled region (its custom RNG-tracker
 context cannot be traced). Inside the body:
-* The TP/SP mappings are custom autograd Functions around gloo/NCCL collectives. Dynamo cannot
-  trace a c10d call on an explicit ProcessGroup inside a Function, so it breaks the graph cleanly
-  around each `.apply` and runs it eagerly; the matmuls, norms, RoPE and SwiGLU between them
-  compile. Losses equal eager ones (tests/model/test_compile.py checks TP1, TP2+SP and PP2).
+* The TP/SP mappings are custom autograd Functions around collectives. Dynamo traces the SP ones
+  (all-gather / reduce-scatter along the sequence) into the graph as functional collectives, in
+  forward and backward (checked on gloo: no graph break at TP2+SP). The plain-TP all-reduce works in
+  place (mark_dirty), which dynamo cannot trace, so it runs eagerly behind a clean graph break.
+  Traced collectives report to `comm.count_comm` only while tracing, so count traffic eagerly.
 * The Triton kernels (norm_impl/mlp_impl=triton) are called through their autograd Functions,
   which dynamo traces as user-defined Triton kernels on a GPU; under TRITON_INTERPRET they run
   eagerly behind a graph break.

@@ -34,7 +34,11 @@ def build_model(cfg: Config, ps: ParallelState, rng: RNGTracker | None,
                            post_process=spec.post_process, device=ps.device)
         model.init_weights(t.seed)
         apply_recompute(model, par.recompute, par.recompute_every)
-        if t.compile:
+        if t.precision == "fp8" and t.fp8_backend == "torchao":
+            from megalite.kernels.torchao_fp8 import convert_to_float8
+
+            convert_to_float8(model, t.fp8_recipe)
+        if t.compile:  # after the FP8 swap, so the float8 matmuls are traced into each layer's graph
             compile_layers(model)
         chunks.append(model)
     return chunks

@@ -66,7 +66,7 @@ class Trainer:
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         self.dp = check_layout(m, cfg.parallel, t, world)
         self.num_micro = check_step_schedule(cfg, self.dp)  # micro-batches per step on each DP rank
-        if t.precision == "fp8" and m.linear_impl == m.mlp_impl == "torch":
+        if t.precision == "fp8" and t.fp8_backend == "te" and m.linear_impl == m.mlp_impl == "torch":
             # FP8 runs only inside Transformer Engine modules: fp8 selects them in the layer spec.
             m.linear_impl = m.mlp_impl = "te"
         self.precision = resolve_precision(t, self.device, m)
@@ -80,7 +80,7 @@ class Trainer:
                               f"{self.tokenizer.vocab_size}")
         init_distributed(self.device)
         self.ps: ParallelState = build_parallel_state(cfg.parallel, self.device)
-        self.autocast = make_autocast(self.precision, self.device, t.fp8_recipe, self.ps.tp_dp_group)
+        self.autocast = make_autocast(self.precision, self.device, t.fp8_recipe, self.ps.tp_dp_group, t.fp8_backend)
         self.rng = seed_everything(t.seed, self.ps.tp_rank, self.ps.pp_rank, self.device)
         if datasets is None:
             wanted = {"train": t.train_steps * t.global_batch_size, "valid": t.eval_steps * t.global_batch_size}
