@@ -206,7 +206,7 @@ def test_fp8_gpu_step_tracks_bf16(recipe, tmp_path):
     out = []
     for fp8 in (False, True):
         torch.manual_seed(0)
-        model = LlamaModel(cfg, ParallelState(), device="cuda")
+        model = LlamaModel(cfg, ParallelState(device=torch.device("cuda")), device="cuda")
         model.init_weights(3)
         if fp8:
             torchao_fp8.convert_to_float8(model, recipe)
