@@ -73,7 +73,7 @@ def _worker(rank: int, world: int, a: argparse.Namespace) -> dict:
     for _ in range(2):  # the second step is measured (the first may set up lazily)
         with count_comm() as counter:
             opt.zero_grad()
-            fb(chunks, mbs, ps, num_tokens=num_tokens, no_sync=opt.no_sync)
+            fb(chunks, mbs, ps, num_units=num_tokens, no_sync=opt.no_sync)
             # Buckets whose reduction was already in flight when backward returned (overlap).
             overlapped = sum(b.launched for b in opt.ddp.buckets)
             finalize_grads(chunks, ps)

@@ -58,7 +58,7 @@ def _timed_step(schedule: str, chunks, mbs, ps: ParallelState, world: int) -> tu
     _busy[0] = 0.0
     dist.barrier()
     start = time.monotonic()  # CLOCK_MONOTONIC is system-wide: comparable across processes
-    SCHEDULE_FNS[schedule](chunks, mbs, ps, num_tokens=1.0)
+    SCHEDULE_FNS[schedule](chunks, mbs, ps, num_units=1.0)
     stamps = torch.tensor([start, time.monotonic(), _busy[0]], dtype=torch.float64)
     gathered = [torch.empty_like(stamps) for _ in range(world)]
     dist.all_gather(gathered, stamps)

@@ -280,7 +280,7 @@ def run(rank: int, world: int, args: argparse.Namespace) -> dict:
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             if name == "megalite":
-                loss, _, _ = tr.train_step(batches)
+                loss = tr.train_step(batches)[0]
                 tr.state.step += 1
             else:
                 loss = mg.step(batches)

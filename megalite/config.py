@@ -57,6 +57,8 @@ class ModelConfig:
     mlp_impl: str = "torch"  # torch | triton | te
     linear_impl: str = "torch"  # torch | te
     loss_impl: str = "torch"  # torch | triton | fused_linear
+    # lm: next-token logits / losses; score: one scalar per position (reward model, PPO critic).
+    output_head: str = "lm"
 
     @property
     def kv_heads(self) -> int:
@@ -82,7 +84,7 @@ class ParallelConfig:
     vpp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B when > 1)
     sp: bool = False  # sequence parallelism inside the TP group
     cp: int = 1  # context parallelism; only 1 is supported for now
-    pipeline_schedule: str = "1f1b"  # afab | 1f1b | interleaved
+    pipeline_schedule: str = "1f1b"  # afab | 1f1b | interleaved (1f1b with vpp > 1 runs interleaved)
     pp_layer_split: list[int] | None = None  # layers per stage (per virtual stage with vpp); None: even
     distributed_optimizer: bool = False  # ZeRO-1: shard fp32 master weights and Adam state over DP
     bucket_size_mb: float = 25.0
@@ -310,4 +312,58 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for k in reversed(keys):
             nested = {k: nested}
         _apply(cfg, nested, "", "command-line overrides")
+    validate(cfg)
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranges: every numeric field is checked once at load, so a bad value is one line naming its key
+# instead of a ZeroDivisionError (or a silently odd run) later. A field added without a rule here
+# is only type-checked.
+
+_POS, _NONNEG, _FRAC, _PROB = "> 0", ">= 0", "in [0, 1]", "in [0, 1)"
+_RANGES: dict[str, dict[str, str]] = {
+    "model": {"vocab_size": _NONNEG, "hidden_size": _POS, "num_layers": _POS, "num_heads": _POS,
+              "num_kv_heads": _POS, "ffn_hidden_size": _POS, "ffn_multiple_of": _POS, "norm_eps": _POS,
+              "rope_theta": _POS, "rope_scaling_factor": _POS, "rope_low_freq_factor": _POS,
+              "rope_high_freq_factor": _POS, "rope_original_max_positions": _POS, "max_seq_len": _POS,
+              "attention_dropout": _PROB, "hidden_dropout": _PROB, "init_std": _POS,
+              "make_vocab_size_divisible_by": _POS},
+    "parallel": {"tp": _POS, "pp": _POS, "vpp": _POS, "cp": _POS, "bucket_size_mb": _POS,
+                 "recompute_every": _POS},
+    "optim": {"lr": _POS, "min_lr": _NONNEG, "weight_decay": _NONNEG, "beta1": _PROB, "beta2": _PROB,
+              "eps": _POS, "warmup_steps": _NONNEG, "wsd_decay_fraction": _FRAC, "clip_grad": _NONNEG},
+    "train": {"seq_len": _POS, "micro_batch_size": _POS, "global_batch_size": _POS, "train_steps": _POS,
+              "seed": _NONNEG, "loss_scale": _NONNEG, "log_interval": _POS, "eval_interval": _NONNEG,
+              "eval_steps": _POS, "exit_interval": _NONNEG},
+    "checkpoint": {"save_interval": _NONNEG, "keep_last": _NONNEG},
+    "lora": {"rank": _NONNEG, "alpha": _POS, "dropout": _PROB},
+    "generate": {"max_new_tokens": _NONNEG, "temperature": _NONNEG, "top_k": _NONNEG, "top_p": _POS,
+                 "seed": _NONNEG, "batch_size": _POS},
+}
+
+
+def _in_range(v: float, rule: str) -> bool:
+    if rule == _POS:
+        return v > 0
+    if rule == _NONNEG:
+        return v >= 0
+    return 0 <= v <= 1 if rule == _FRAC else 0 <= v < 1
+
+
+def validate(cfg: Config) -> None:
+    """Raises ConfigError naming the first field out of its range (or two fields that disagree)."""
+    import math
+
+    for section, rules in _RANGES.items():
+        obj = getattr(cfg, section, None)
+        for key, rule in rules.items():
+            v = getattr(obj, key, None)
+            if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue  # optional (None) or a field another version of the config does not have
+            if not math.isfinite(v) or not _in_range(v, rule):
+                raise ConfigError(f"{section}.{key} must be {rule}, got {v!r}")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"optim.min_lr {cfg.optim.min_lr!r} is larger than optim.lr {cfg.optim.lr!r}")
+    if cfg.generate.top_p > 1:
+        raise ConfigError(f"generate.top_p must be in (0, 1], got {cfg.generate.top_p!r}")

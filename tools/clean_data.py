@@ -143,6 +143,12 @@ def main() -> int:
         cfg.text_key = args.text_key
     report = clean(args.input, args.output, args.stats, cfg, args.workers, not args.no_progress)
     print(json.dumps({k: report[k] for k in ("input_docs", "kept_docs", "dropped", "pii_replaced")}))
+    if report["kept_docs"] == 0:  # an empty output is never a success: say why, leave no empty file
+        os.remove(args.output)
+        why = (f"all {report['input_docs']:,} documents were dropped ({', '.join(f'{k}: {v}' for k, v in report['dropped'].items())})"
+               if report["input_docs"] else "the input holds no records")
+        raise ValueError(f"no documents written to {args.output}: {why}"
+                         f"{'; is --text-key ' + cfg.text_key + ' right?' if report['dropped'].get('malformed') == report['input_docs'] else ''}")
     return 0
 
 

@@ -34,6 +34,7 @@ from megalite.hf.convert import (
     model_yaml_section,
 )
 from megalite.hf.files import CONFIG, parse_size, read_hf_dir, write_hf_dir
+from megalite.hf.tokenizer_export import export_tokenizer
 
 MODEL_YAML = "megalite_model.yaml"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,14 +54,30 @@ def hf_to_megalite_dir(src: Path, dst: Path, dtype: str) -> str:
     return f"{len(weights)} tensors -> {step_dir.name}, {MODEL_YAML}"
 
 
-def megalite_to_hf_dir(src: Path, dst: Path, dtype: str, max_shard_bytes: int) -> str:
+def megalite_to_hf_dir(src: Path, dst: Path, dtype: str, max_shard_bytes: int,
+                       tokenizer: tuple[str | None, str | None] = (None, None)) -> str:
     meta, weights = load_global_weights(src)
     where = f"{src} (step {meta.get('step')})"
     model = saved_model_config(meta, where)
+    tok_type, tok_model = _run_tokenizer(meta, *tokenizer)  # checked before anything is written
     hf = megalite_to_hf(_cast(weights, dtype), model, where)
     config = hf_config_from_model(model, hf["model.embed_tokens.weight"].dtype, where)
     files = write_hf_dir(dst, config, hf, max_shard_bytes)
-    return f"step {meta.get('step')}: {len(weights)} tensors -> {CONFIG}, {', '.join(files)}"
+    summary = f"step {meta.get('step')}: {len(weights)} tensors -> {CONFIG}, {', '.join(files)}"
+    if tok_type == "none":
+        return summary + "; no tokenizer (--tokenizer-type none)"
+    return f"{summary}; {export_tokenizer(tok_type, tok_model, dst)}"
+
+
+def _run_tokenizer(meta: dict, tok_type: str | None, tok_model: str | None) -> tuple[str, str]:
+    """The tokenizer the run trained with (its saved data config), unless given on the command line."""
+    data = (meta.get("config") or {}).get("data") or {}
+    tok_type = tok_type or data.get("tokenizer_type") or "byte"
+    tok_model = tok_model if tok_model is not None else data.get("tokenizer_model") or ""
+    if tok_type not in ("none", "byte") and not Path(tok_model).exists():
+        raise ConfigError(f"the run's tokenizer model {tok_model!r} ({tok_type}) is not found from here: pass "
+                          f"--tokenizer-model PATH, or --tokenizer-type none to export the weights alone")
+    return tok_type, tok_model
 
 
 def write_atomically(output: Path, overwrite: bool, fill: Callable[[Path], str]) -> str:
@@ -90,6 +107,9 @@ def main() -> None:
                     help="dtype of the written weights (auto: as stored in the input)")
     ap.add_argument("--max-shard-size", default="5GB", help="HF output: split model.safetensors above this size")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    ap.add_argument("--tokenizer-type", default=None,
+                    help="megalite -> hf: the tokenizer to export beside the weights (default: the run's; none: skip)")
+    ap.add_argument("--tokenizer-model", default=None, help="megalite -> hf: its model file (default: the run's)")
     args = ap.parse_args()
     if args.src_fmt == args.dst_fmt:
         raise ConfigError(f"--from and --to are both '{args.src_fmt}'; nothing to convert")
@@ -99,7 +119,8 @@ def main() -> None:
     else:
         shard_bytes = parse_size(args.max_shard_size)
         summary = write_atomically(args.output, args.overwrite,
-                                   lambda d: megalite_to_hf_dir(args.input, d, args.dtype, shard_bytes))
+                                   lambda d: megalite_to_hf_dir(args.input, d, args.dtype, shard_bytes,
+                                                                (args.tokenizer_type, args.tokenizer_model)))
     print(f"converted {args.input} ({args.src_fmt}) -> {args.output} ({args.dst_fmt}): {summary}")
 
 

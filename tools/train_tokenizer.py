@@ -5,12 +5,15 @@
 
 `sentencepiece`: a BPE model set up as Llama-2's (byte fallback, digits split, identity
 normalization, unk/bos/eos = 0/1/2, no pad). `hf-bpe`: a byte-level BPE in a HF tokenizer.json with
-<|endoftext|> and <|pad|>. Both add the chat markers <|im_start|> and <|im_end|> as special tokens.
+<|endoftext|> and <|pad|>. Both reserve the chat markers as special tokens: ChatML's <|im_start|> and
+<|im_end|>, and Llama-3's <|start_header_id|>, <|end_header_id|> and <|eot_id|> (the default SFT
+chat template, see docs/sft_data.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -18,7 +21,11 @@ from pathlib import Path
 
 import _common
 
-CHAT = ["<|im_start|>", "<|im_end|>"]
+
+def chat_markers() -> list[str]:
+    from megalite.data.tokenizer import RESERVED_CHAT_TOKENS
+
+    return list(RESERVED_CHAT_TOKENS)
 
 
 def iter_texts(inputs: list[str], key: str, max_docs: int | None) -> Iterator[str]:
@@ -47,7 +54,7 @@ def train_sentencepiece(texts: Iterator[str], vocab_size: int, output: str, thre
             byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
             remove_extra_whitespaces=False, normalization_rule_name="identity", add_dummy_prefix=True,
             character_coverage=0.99995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            user_defined_symbols=CHAT, max_sentence_length=1 << 16, input_sentence_size=2_000_000,
+            user_defined_symbols=chat_markers(), max_sentence_length=1 << 16, input_sentence_size=2_000_000,
             shuffle_input_sentence=True, num_threads=threads, minloglevel=2)
         os.replace(prefix + ".model", out)
         os.replace(prefix + ".vocab", out.with_suffix(".vocab"))
@@ -60,7 +67,7 @@ def train_hf_bpe(texts: Iterator[str], vocab_size: int, output: str) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2,
-                                  special_tokens=["<|endoftext|>", "<|pad|>", *CHAT],
+                                  special_tokens=["<|endoftext|>", "<|pad|>", *chat_markers()],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     from megalite.atomic import atomic_write
@@ -82,6 +89,11 @@ def main() -> int:
         raise ValueError(f"--vocab-size {args.vocab_size} is too small (byte fallback alone needs 256 + specials)")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     texts = iter_texts(args.input, args.json_key, args.max_docs)
+    first = next(texts, None)  # no text at all would end in SentencePiece's INTERNAL error
+    if first is None:
+        raise ValueError(f"no text to train on: {', '.join(args.input)} holds no non-empty string under "
+                         f"--json-key {args.json_key}")
+    texts = itertools.chain([first], texts)
     if args.type == "sentencepiece":
         train_sentencepiece(texts, args.vocab_size, args.output, args.threads)
     else:

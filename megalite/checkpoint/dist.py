@@ -170,6 +170,30 @@ def _wait_for_rank_files(tmp: Path, world: int) -> None:
         time.sleep(0.05)
 
 
+def _torch_save(payload: dict, path: str) -> None:
+    # Through a Python file object: a failed write raises the OSError (ENOSPC, EFBIG, EROFS, ...)
+    # that torch's own writer would hide behind "unexpected pos".
+    with open(path, "wb") as f:
+        torch.save(payload, f)
+
+
+def storage_reason(e: BaseException, where: Path) -> str:
+    """The OS reason behind a failed write (e.g. "No space left on device"), found in the exception
+    chain or, failing that, in the free space left."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    try:
+        st = os.statvfs(where if where.exists() else where.parent)
+        if st.f_bavail * st.f_frsize < (1 << 20):
+            return "No space left on device"
+    except OSError:
+        pass
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _commit(root: Path, tmp: Path, final: Path, meta: dict, retention: tuple[int, bool] | None = None) -> None:
     """Rank 0: metadata last, then the rename that makes the checkpoint exist, then `latest`, then
     (given `retention` = (keep_last, keep_pow2)) the deletion of checkpoints outside the policy."""
@@ -190,10 +214,14 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, chunks, optimizer, ps: Para
     root = Path(ckpt_dir)
     final, tmp = step_dirs(root, step)
     if ps.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp_step_*"):  # left by a crashed save (incl. a `.old` moved aside)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp_step_*"):  # left by a crashed save (incl. a `.old` moved aside)
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            raise CheckpointSaveError(f"checkpoint of step {step} ({final}) was not saved: cannot create "
+                                      f"{e.filename or tmp}: {e.strerror}") from None
     payload, index = rank_payload(chunks, optimizer, ps)
     payload["rng"] = rng_state(tracker)
     payload["extra"] = dict(extra)
@@ -212,7 +240,11 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, chunks, optimizer, ps: Para
             "params": merge_index(entries), "config": cfg.to_dict()}
 
     def write() -> None:
-        atomic_write(tmp / _rank_file(ps.rank), lambda p: torch.save(payload, p))
+        atomic_write(tmp / _rank_file(ps.rank), lambda p: _torch_save(payload, p))
+
+    def failed(e: BaseException) -> CheckpointSaveError:
+        reason = str(e) if isinstance(e, CheckpointSaveError) else storage_reason(e, tmp)
+        return CheckpointSaveError(f"checkpoint of step {step} ({final}) was not saved on rank {ps.rank}: {reason}")
 
     ck = cfg.checkpoint
     retention = (ck.keep_last, ck.keep_pow2)
@@ -225,16 +257,21 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, chunks, optimizer, ps: Para
                     _wait_for_rank_files(tmp, ps.world_size)
                     _commit(root, tmp, final, meta, retention)
             except Exception as e:  # noqa: BLE001 - any failure is reported on the main thread
-                reason = str(e) if isinstance(e, CheckpointSaveError) else f"{type(e).__name__}: {e}"
-                _pending_error = f"checkpoint of step {step} ({final}) was not saved on rank {ps.rank}: {reason}"
+                _pending_error = str(failed(e))
 
         _pending = threading.Thread(target=background, name=f"ckpt-save-{step}", daemon=False)
         _pending.start()
         return final
-    write()
+    try:
+        write()
+    except Exception as e:  # noqa: BLE001 - torch wraps the OS error (ENOSPC, EROFS) in a RuntimeError
+        raise failed(e) from None
     _barrier(ps)
     if ps.rank == 0:
-        _commit(root, tmp, final, meta, retention)
+        try:
+            _commit(root, tmp, final, meta, retention)
+        except OSError as e:
+            raise failed(e) from None
     _barrier(ps)
     return final
 

@@ -174,6 +174,9 @@ def global_weight(reader: ShardReader, meta: dict, key: str) -> torch.Tensor:
         tensor = reader.get(fname)["model"].get(key)
         if tensor is None:
             raise ConfigError(f"{reader.dir / fname}: '{key}' is missing from the shard")
+        if "local_shape" in e and list(tensor.shape) != list(e["local_shape"]):  # shard vs its own metadata
+            raise ConfigError(f"{reader.dir / fname}: tensor '{key}' is stored with shape {list(tensor.shape)}, "
+                              f"the checkpoint metadata says {list(e['local_shape'])}")
         locals_.append(tensor)
     return assemble_global(locals_, shard_from_json(e["tp_shard"]))
 

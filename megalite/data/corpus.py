@@ -33,3 +33,33 @@ def stdlib_documents(max_docs: int | None = None) -> Iterator[str]:
             n += 1
             if max_docs is not None and n >= max_docs:
                 return
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m megalite.data.corpus --output raw.jsonl`: the demo corpus as JSONL ({"text": ...}
+    per line), a real input for the data tools' README walk-through."""
+    import argparse
+    import json
+
+    from megalite.atomic import atomic_write
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--output", required=True)
+    p.add_argument("--max-docs", type=int, default=None)
+    args = p.parse_args(argv)
+    n = 0
+
+    def write(tmp: str) -> None:
+        nonlocal n
+        with open(tmp, "w", encoding="utf-8") as f:
+            for doc in stdlib_documents(args.max_docs):
+                f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+                n += 1
+
+    atomic_write(args.output, write)
+    print(f"wrote {args.output}: {n} documents")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

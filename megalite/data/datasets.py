@@ -55,6 +55,20 @@ def split_ranges(num_docs: int, split: str) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(3)]
 
 
+MANY_EPOCHS = 100
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_many_epochs(prefix: str, split: str, epochs: int, tokens: int, samples: int) -> None:
+    """Once per shard and split (on rank 0): a run that repeats a tiny shard this often is almost
+    always a mistake, and its sample index grows with the epoch count."""
+    if epochs <= MANY_EPOCHS or (prefix, split) in _warned or os.environ.get("RANK", "0") != "0":
+        return
+    _warned.add((prefix, split))
+    print(f"warning: {prefix} ({split}): {samples:,} samples need {epochs:,} epochs of its {tokens:,} tokens; "
+          f"use more data or fewer train.train_steps", flush=True)
+
+
 class GPTDataset(Sequence):
     """Samples of seq_len+1 tokens from the sequences of documents [doc_begin, doc_end) of a shard."""
 
@@ -72,9 +86,10 @@ class GPTDataset(Sequence):
         per_epoch = self.samples_per_epoch(self.tokens_per_epoch, seq_len)
         want = per_epoch if num_samples is None else max(int(num_samples), 1)
         # The fewest epochs whose stream holds `want` windows.
-        self.num_epochs = 1
+        self.num_epochs = max(1, -(-(want * seq_len + 1) // self.tokens_per_epoch))  # ceil
         while (self.num_epochs * self.tokens_per_epoch - 1) // seq_len < want:
             self.num_epochs += 1
+        _warn_many_epochs(shard.prefix, name, self.num_epochs, self.tokens_per_epoch, want)
         stat = os.stat(indexed.index_file(shard.prefix))
         self.params = {
             "version": INDEX_VERSION, "shard": os.path.abspath(shard.prefix), "idx_bytes": stat.st_size,

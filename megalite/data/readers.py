@@ -52,7 +52,26 @@ def iter_records(chunk: Chunk) -> Iterator[tuple[int, Any, str | None]]:
         except ValueError as e:  # UnicodeDecodeError included
             yield chunk.first_line + i, None, f"invalid JSON ({str(e).split(':')[0]})"
             continue
+        # Valid JSON can still hold a lone UTF-16 surrogate (a "\ud800" escape): text no encoder or
+        # tokenizer accepts. Such escapes are rare, so only lines that have one are checked.
+        if (b"\\ud" in line or b"\\uD" in line) and _has_lone_surrogate(obj):
+            yield chunk.first_line + i, None, "invalid text (a lone UTF-16 surrogate escape)"
+            continue
         yield chunk.first_line + i, obj, None
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(obj, dict):
+        return any(_has_lone_surrogate(v) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_has_lone_surrogate(v) for v in obj)
+    return False
 
 
 def _open_text_stream(path: str) -> tuple[io.BufferedIOBase, Any]:

@@ -16,9 +16,11 @@ import numpy as np
 
 from megalite.config import ConfigError
 
-# Chat markers looked up in every vocabulary; the byte tokenizer and our trainers add the first two.
+# Chat markers looked up in every vocabulary; the byte tokenizer and our trainers add the first five
+# (ChatML's and Llama-3's), so both built-in chat templates work with every tokenizer we make.
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
+RESERVED_CHAT_TOKENS = CHAT_TOKENS[:5]
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>")
 EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "<|eot_id|>")
 PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
@@ -58,15 +60,16 @@ class Tokenizer(abc.ABC):
 
 
 class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes plus special ids; no model file, useful for tests and the zero-setup demo."""
+    """UTF-8 bytes plus special ids; no model file, useful for tests and the zero-setup demo. The
+    specials sit above the byte range (bos, eos, pad, then the reserved chat markers)."""
 
     name = "byte"
 
     def __init__(self) -> None:
         self.bos, self.eos, self.pad = 256, 257, 258
         self.eod = self.eos
-        self.chat_tokens = {"<|im_start|>": 259, "<|im_end|>": 260}
-        self.vocab_size = 261
+        self.chat_tokens = {p: 259 + i for i, p in enumerate(RESERVED_CHAT_TOKENS)}
+        self.vocab_size = 259 + len(RESERVED_CHAT_TOKENS)
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -230,7 +233,7 @@ class TikTokenizer(Tokenizer):
             from tiktoken.load import load_tiktoken_bpe
 
             ranks = load_tiktoken_bpe(model)
-            specials = {p: len(ranks) + i for i, p in enumerate(("<|endoftext|>", "<|pad|>", *CHAT_TOKENS[:2]))}
+            specials = {p: len(ranks) + i for i, p in enumerate(("<|endoftext|>", "<|pad|>", *RESERVED_CHAT_TOKENS))}
             self.enc = tiktoken.Encoding(name=Path(model).stem, pat_str=_TIKTOKEN_PATTERN,
                                          mergeable_ranks=ranks, special_tokens=specials)
         else:

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megalite.config import ConfigError, ModelConfig
+from megalite.model.kv_cache import LayerKVCache
 from megalite.model.norm import RMSNorm
 from megalite.model.recompute import checkpoint
 from megalite.model.rope import apply_rope
@@ -106,11 +107,13 @@ class Attention(nn.Module):
         return q.view(s, b, -1, d), k, v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, kv_cache: LayerKVCache | None = None) -> torch.Tensor:
         q, k, v = self._project(x)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            return self.out(self._cached_core(q, k, v, kv_cache).flatten(2))
         p = self.cfg.attention_dropout if self.training else 0.0
         if self.recompute_core:
             # Replays dropout from the same RNG (tracker streams included) when recomputed.
@@ -124,3 +127,12 @@ class Attention(nn.Module):
             with self.rng.fork():  # heads differ per TP rank, so must their dropout masks
                 return core_attention(q, k, v, doc_ids, p, self.backend)
         return core_attention(q, k, v, doc_ids, p, self.backend)
+
+    def _cached_core(self, q, k, v, kv_cache: LayerKVCache) -> torch.Tensor:
+        """Inference: attend the new positions to the cached prefix plus themselves (SDPA on every
+        backend: decoding reads the cache, a [b, heads, len, d] view SDPA takes as it is)."""
+        k, v, mask, causal = kv_cache.update(k, v)
+        q = q.permute(1, 2, 0, 3)  # [b, heads, s, d]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return out.permute(2, 0, 1, 3)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from megalite.config import ModelConfig
 from megalite.model.attention import Attention
+from megalite.model.kv_cache import LayerKVCache
 from megalite.model.mlp import SwiGLUMLP
 from megalite.model.norm import RMSNorm
 from megalite.model.recompute import checkpoint
@@ -41,18 +42,20 @@ class DecoderLayer(nn.Module):
             return F.dropout(x, p, training=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                pending: torch.Tensor | None = None,
+                kv_cache: LayerKVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is x + pending: `pending` is the previous layer's MLP output, left
         unadded so that this layer's pre-norm adds it in the same kernel. Returns (stream, this
-        layer's MLP output), the next layer's (x, pending)."""
+        layer's MLP output), the next layer's (x, pending). `kv_cache`: incremental decoding."""
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, doc_ids, pending, rng=self.rng)
-        return self._forward(x, cos, sin, doc_ids, pending)
+            return checkpoint(self._forward, x, cos, sin, doc_ids, pending, kv_cache, rng=self.rng)
+        return self._forward(x, cos, sin, doc_ids, pending, kv_cache)
 
     def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None,
-                 pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 pending: torch.Tensor | None,
+                 kv_cache: LayerKVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         normed, x = add_norm(self.attn_norm, pending, x)
-        a = self._dropout(self.attn(normed, cos, sin, doc_ids))
+        a = self._dropout(self.attn(normed, cos, sin, doc_ids, kv_cache))
         normed, x = add_norm(self.mlp_norm, a, x)
         return x, self._dropout(self.mlp(normed))
 

@@ -17,9 +17,13 @@ context cannot be traced). Inside the body:
   which dynamo traces as user-defined Triton kernels on a GPU; under TRITON_INTERPRET they run
   eagerly behind a graph break.
 Compiled parameters keep their names (the module is not wrapped), so checkpoints do not change.
+Decoding with a KV cache stays eager.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -30,5 +34,18 @@ def compile_layers(model: nn.Module) -> int:
     layers = getattr(model, "layers", {})
     for layer in layers.values():
         # An instance attribute shadows the method: forward() (and its checkpoint) calls the compiled body.
-        layer._forward = torch.compile(layer._forward)
+        layer._forward = _compiled_body(layer._forward)
     return len(layers)
+
+
+def _compiled_body(eager: Callable[..., Any]) -> Callable[..., Any]:
+    compiled = torch.compile(eager)
+
+    def body(x, cos, sin, doc_ids, pending, kv_cache=None):
+        if kv_cache is not None:
+            # Incremental decoding (generation, RL rollouts): shapes change every token, so this
+            # stays eager rather than recompiling per length.
+            return eager(x, cos, sin, doc_ids, pending, kv_cache)
+        return compiled(x, cos, sin, doc_ids, pending)
+
+    return body

@@ -15,13 +15,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megalite.config import ModelConfig
+from megalite.config import ConfigError, ModelConfig
 from megalite.model.block import DecoderLayer, add_norm
+from megalite.model.kv_cache import KVCache
 from megalite.model.norm import RMSNorm
 from megalite.model.rope import inv_frequencies, rope_cos_sin
 from megalite.model.spec import loss_fn
 from megalite.parallel.layers import VocabParallelEmbedding, padded_vocab_size
-from megalite.parallel.mappings import copy_to_tp, gather_from_sequence, gather_from_tp
+from megalite.parallel.mappings import (
+    copy_to_tp,
+    gather_from_sequence,
+    gather_from_sequence_replicated,
+    gather_from_tp,
+)
 from megalite.parallel.rng import RNGTracker
 from megalite.parallel.sharding import (
     TPShard,
@@ -48,12 +54,21 @@ class LlamaModel(nn.Module):
         if pre_process:
             self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ps,
                                                     cfg.make_vocab_size_divisible_by, device=device)
-            if cfg.tie_embeddings:
+            if cfg.tie_embeddings and cfg.output_head == "lm":
                 mark_tied_embedding(self.embedding.weight)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, ps, rng, device=device) for i in self.layer_ids})
+        if cfg.output_head not in ("lm", "score"):
+            raise ConfigError(f"model.output_head must be lm or score, got '{cfg.output_head}'")
+        self.scores = cfg.output_head == "score"
         if post_process:
             self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_impl, partial_grad=ps.sp,
                                       device=device, ps=ps)
+        if post_process and self.scores:
+            # A scalar per position, replicated over TP: under SP each rank scores its own tokens,
+            # so the weight's grad is partial and is summed over TP like the norms'.
+            self.score = tag_param(nn.Parameter(torch.empty(1, cfg.hidden_size, device=device)), "normal",
+                                   sync_tp_grad=ps.sp)
+        elif post_process:
             if not cfg.tie_embeddings or not pre_process:
                 # With tied embeddings split over a pipeline, the last stage keeps its own copy,
                 # initialized from the same key and kept in sync by an all-reduce of the grads.
@@ -92,10 +107,13 @@ class LlamaModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
         """First stage: tokens [b, s]; other stages: hidden [s(/tp), b, h] from the previous stage.
         Returns hidden for the next stage, per-token losses [b, s] when `labels` are given, or
-        vocab-parallel logits [b, s, V/tp] otherwise."""
+        vocab-parallel logits [b, s, V/tp] otherwise; with the score head, scores [b, s].
+        With `kv_cache` (inference, no SP): `tokens` are the positions after the cached ones,
+        attention reads and extends the cache, and only the last position's output is computed
+        ([b, 1, ...]): the next token's."""
         x = self.embedding(tokens) if self.pre_process else hidden
         s = x.shape[0] * (self.ps.tp if self.ps.sp else 1)
         b = x.shape[1]
@@ -103,12 +121,22 @@ class LlamaModel(nn.Module):
             position_ids = torch.arange(s, device=x.device).unsqueeze(0).expand(b, s)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype if x.is_floating_point() else torch.float32)
         pending = None
-        for layer in self.layers.values():
-            x, pending = layer(x, cos, sin, doc_ids, pending)
+        if kv_cache is not None:
+            kv_cache.begin(s)
+        for i, layer in self.layers.items():
+            cache = kv_cache.layers[int(i)] if kv_cache is not None else None
+            x, pending = layer(x, cos, sin, doc_ids, pending, cache)
+        if kv_cache is not None:
+            kv_cache.advance(s)
         if not self.post_process:
             return x if pending is None else x + pending
+        if kv_cache is not None:
+            x, pending = x[-1:], None if pending is None else pending[-1:]
         x, _ = add_norm(self.final_norm, pending, x)
         g = self.ps.tp_group
+        if self.scores:
+            v = F.linear(x, self.score.to(x.dtype)).squeeze(-1)  # [s(/tp), b]
+            return (gather_from_sequence_replicated(v, g) if self.ps.sp else v).t().float()
         x = gather_from_sequence(x, g) if self.ps.sp else copy_to_tp(x, g)
         if labels is not None:
             loss = self.loss(x, self.head_weight(), labels.t(), vocab_start=self.vocab_start,

@@ -131,6 +131,20 @@ class _ReduceScatterSeq(torch.autograd.Function):
         return all_gather_dim0(g, ctx.group), None
 
 
+class _GatherSeqReplicated(torch.autograd.Function):
+    """All-gather along the sequence for a consumer that every TP rank runs identically (e.g. a
+    scalar head's loss): each rank's gradient is already the full one, so backward keeps the slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _split_first(g, ctx.group), None
+
+
 def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Identity forward; all-reduce of the gradient (input of a column-parallel layer)."""
     return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
@@ -159,3 +173,8 @@ def gather_from_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
 def reduce_scatter_to_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Reduce-scatter along the sequence (output of a row-parallel layer under SP); backward all-gathers."""
     return x if group_size(group) == 1 else _ReduceScatterSeq.apply(x, group)
+
+
+def gather_from_sequence_replicated(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """All-gather the sequence for a TP-replicated consumer; backward keeps this rank's slice."""
+    return x if group_size(group) == 1 else _GatherSeqReplicated.apply(x, group)

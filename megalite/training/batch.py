@@ -50,3 +50,8 @@ def loss_token_count(batches: list[dict]) -> int:
     batch has one, so no device sync."""
     return sum(b["num_loss_tokens"] if "num_loss_tokens" in b else int((b["labels"] != IGNORE_INDEX).sum())
                for b in batches)
+
+
+def batch_to_device(mb: dict, device: torch.device) -> dict:
+    """A host-built micro-batch with its tensors on `device` (other values kept as they are)."""
+    return {k: _to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}

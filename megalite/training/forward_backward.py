@@ -1,9 +1,9 @@
-"""Forward and backward over a step's micro-batches (gradient accumulation).
+"""Forward and backward over a step's micro-batches (gradient accumulation), for any stage.
 
 Every schedule shares this signature; pipeline schedules live in megalite/parallel/pipeline/.
-Each micro-batch's backward uses `sum(token losses) / num_tokens`, where `num_tokens` counts the
-loss tokens of the whole step on all DP ranks, so summing grads over micro-batches and DP ranks
-gives exactly the gradient of the global token-mean loss, for any layout.
+Each micro-batch backprops `stage loss sum / num_units`, where `num_units` counts the loss units
+(tokens, pairs, ...) of the whole step on all DP ranks, so summing grads over micro-batches and
+DP ranks gives exactly the gradient of the global mean loss, for any split and layout.
 """
 
 from __future__ import annotations
@@ -15,32 +15,29 @@ import torch
 import torch.nn as nn
 
 from megalite.config import ParallelConfig
+from megalite.parallel.pipeline.step import ForwardStep, TokenLoss, add_sums, new_sums
 from megalite.parallel.state import ParallelState
 
 NoSync = Callable[[], contextlib.AbstractContextManager] | None
 
 
-def run_forward(model: nn.Module, mb: dict, hidden: torch.Tensor | None = None) -> torch.Tensor:
-    return model(tokens=mb["tokens"] if model.pre_process else None, hidden=hidden,
-                 labels=mb["labels"] if model.post_process else None,
-                 position_ids=mb["position_ids"], doc_ids=mb["doc_ids"])
-
-
 def forward_backward_no_pipelining(chunks: list[nn.Module], micro_batches: list[dict], ps: ParallelState, *,
-                                   num_tokens: float, forward_only: bool = False, loss_scale: float = 1.0,
-                                   no_sync: NoSync = None) -> torch.Tensor:
+                                   num_units: float, step: ForwardStep | None = None,
+                                   forward_only: bool = False, loss_scale: float = 1.0,
+                                   no_sync: NoSync = None) -> dict[str, torch.Tensor]:
     (model,) = chunks
-    total = torch.zeros((), device=ps.device)
+    step = step if step is not None else TokenLoss()
+    sums = new_sums(step, ps.device)
     last = len(micro_batches) - 1
     for i, mb in enumerate(micro_batches):
         # Grad reduction is deferred to the last micro-batch's backward, where it overlaps compute.
         ctx = no_sync() if (no_sync is not None and i < last) else contextlib.nullcontext()
-        with ctx:
-            losses = run_forward(model, mb)
+        with ctx, torch.set_grad_enabled(not forward_only):
+            loss, metrics = step.loss(step.forward(model, mb, None), mb)
             if not forward_only:
-                (losses.sum() * (loss_scale / num_tokens)).backward()
-        total += losses.detach().sum().float()
-    return total
+                (loss * (loss_scale / num_units)).backward()
+        add_sums(sums, loss, metrics)
+    return sums
 
 
 def get_forward_backward(ps: ParallelState, par: ParallelConfig):

@@ -57,17 +57,33 @@ class MetricsLogger:
         self.enabled, self.total, self.bar = enabled, total_steps, progress_bar
         self.path = Path(run_dir) / "metrics.jsonl"
         self.start_time, self.start_step = time.time(), None
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "a", buffering=1)
+        self.file = None  # opened at the first row: a resume first drops the rows it will redo
+        self.failed: str | None = None  # why a row could not be written (the trainer stops the run)
+        self._rates: list[float] = []
 
     def log(self, record: dict) -> None:
         """Each line is flushed to the OS at once (a crashed or killed process loses none); it is
-        fsynced to disk once, at `close`, not per step."""
-        if not self.enabled:
+        fsynced to disk once, at `close`, not per step. Non-finite numbers are written as null
+        (a bare NaN is not JSON). A write error (disk full, read-only) is kept in `failed`."""
+        if not self.enabled or self.failed:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        try:
+            if self.file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = open(self.path, "a", buffering=1)
+            self.file.write(json.dumps(clean, allow_nan=False) + "\n")
+            self.file.flush()
+        except OSError as e:
+            self.failed = f"cannot write {self.path}: {e.strerror or e}"
+
+    def smoothed_rate(self, tokens_per_sec: float) -> float:
+        """The console's tok/s: the mean over the last 10 steps (one step alone jumps with GC,
+        eval and saves)."""
+        if not tokens_per_sec > 0:
+            return tokens_per_sec
+        self._rates = (self._rates + [tokens_per_sec])[-10:]
+        return len(self._rates) / sum(1.0 / r for r in self._rates)  # steps hold equal tokens: harmonic mean
 
     def console(self, step: int, r: dict) -> None:
         if not self.enabled:
@@ -80,14 +96,21 @@ class MetricsLogger:
         bar = ("[" + "#" * int(20 * frac) + "-" * (20 - int(20 * frac)) + "] ") if self.bar else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         line = (f"step {step}/{self.total} {bar}{100 * frac:3.0f}% | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
-                f"gnorm {r['grad_norm']:.3f} | {_fmt_rate(r['tokens_per_sec'])} tok/s | mfu {mfu} | "
+                f"gnorm {r['grad_norm']:.3f} | {_fmt_rate(self.smoothed_rate(r['tokens_per_sec']))} tok/s | mfu {mfu} | "
                 f"ETA {_fmt_duration(eta)}")
         if "eval_loss" in r:
             line += f" | eval {r['eval_loss']:.4f} (ppl {r['eval_ppl']:.1f})"
         print(line, file=sys.stdout, flush=True)
 
     def close(self) -> None:
-        if self.enabled and not self.file.closed:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
+        if self.file is not None and not self.file.closed:
+            try:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            except OSError as e:
+                self.failed = self.failed or f"cannot write {self.path}: {e.strerror or e}"
+            finally:
+                try:
+                    self.file.close()
+                except OSError:
+                    pass

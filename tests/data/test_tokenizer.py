@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from megalite.config import ConfigError
-from megalite.data.tokenizer import append_eod, build_tokenizer
+from megalite.data.tokenizer import RESERVED_CHAT_TOKENS, append_eod, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = "def f(x):\n    return 12345 + x  # naïve ü\n"
@@ -27,7 +27,8 @@ def _check(tok):
 def test_byte():
     tok = build_tokenizer("byte")
     _check(tok)
-    assert tok.chat_tokens == {"<|im_start|>": 259, "<|im_end|>": 260}
+    assert tok.chat_tokens == {"<|im_start|>": 259, "<|im_end|>": 260, "<|start_header_id|>": 261,
+                               "<|end_header_id|>": 262, "<|eot_id|>": 263}
 
 
 def test_append_eod_ends_every_document_even_empty_ones():
@@ -57,14 +58,14 @@ def trained(tmp_path_factory):
 def test_sentencepiece_llama2_style(trained):
     tok = build_tokenizer("sentencepiece", str(trained["sentencepiece"]))
     _check(tok)
-    assert (tok.bos, tok.eos) == (1, 2) and set(tok.chat_tokens) == {"<|im_start|>", "<|im_end|>"}
+    assert (tok.bos, tok.eos) == (1, 2) and set(tok.chat_tokens) == set(RESERVED_CHAT_TOKENS)
     assert len(tok.encode("12345")) >= 5  # split_digits
 
 
 def test_hf_byte_level_bpe(trained):
     tok = build_tokenizer("hf", str(trained["hf-bpe"]))
     _check(tok)
-    assert tok.eos == tok.token_id("<|endoftext|>") and "<|im_end|>" in tok.chat_tokens
+    assert tok.eos == tok.token_id("<|endoftext|>") and set(tok.chat_tokens) == set(RESERVED_CHAT_TOKENS)
 
 
 def test_tiktoken_local_rank_file(tmp_path):
@@ -120,3 +121,19 @@ def test_preprocess_with_trained_tokenizers(trained, tmp_path, kind):
     assert len(ds) == len(texts)
     for i in range(0, len(texts), 7):
         assert ds[i].tolist() == tok.encode(texts[i]) + [tok.eod]
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "hf-bpe"])
+def test_trained_tokenizers_carry_the_default_chat_template(trained, kind):
+    """train_tokenizer reserves the chat tokens, so `auto` picks the Llama-3-like template and the
+    loss mask covers each answer and its <|eot_id|>, one special id each."""
+    from megalite.data.chat import Llama3Template, encode_conversation, load_chat_template
+
+    tok = build_tokenizer("sentencepiece" if kind == "sentencepiece" else "hf", str(trained[kind]))
+    template = load_chat_template("auto", tok, str(trained[kind]))
+    assert isinstance(template, Llama3Template)
+    conv = [{"role": "user", "content": "def f(x):"}, {"role": "assistant", "content": "return x"}]
+    ids, mask = encode_conversation(template, tok, conv)
+    eot = tok.chat_tokens["<|eot_id|>"]
+    assert ids.tolist().count(eot) == 2 and ids[0] == tok.bos
+    assert ids[mask > 0].tolist() == tok.encode("return x") + [eot]

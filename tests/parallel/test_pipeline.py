@@ -111,7 +111,7 @@ def _pp_worker(rank: int, world: int, cases: list[dict]):
         try:
             mbs = _micro_batches(case["m"])
             fn = SCHEDULE_FNS[par.pipeline_schedule]
-            loss = fn(chunks, mbs, ps, num_tokens=_num_tokens(mbs), forward_only=case.get("forward_only", False),
+            loss = fn(chunks, mbs, ps, num_units=_num_tokens(mbs), forward_only=case.get("forward_only", False),
                       no_sync=_NoSync)
         finally:
             schedules_mod._Steps = steps_cls
@@ -121,7 +121,7 @@ def _pp_worker(rank: int, world: int, cases: list[dict]):
             grads = _grads(chunks, ps)
         else:
             assert all(p.grad is None for c in chunks for p in c.parameters())
-        results.append(dict(loss=loss, grads=grads, events=events, pp_rank=ps.pp_rank, tp_rank=ps.tp_rank))
+        results.append(dict(loss=loss["loss"], grads=grads, events=events, pp_rank=ps.pp_rank, tp_rank=ps.tp_rank))
     return results
 
 
@@ -207,7 +207,8 @@ def test_split_layers():
 @pytest.mark.parametrize("par,m,layers,msg", [
     (dict(pp=2, vpp=2, pipeline_schedule="interleaved"), 3, 4, "multiple of parallel.pp"),
     (dict(pp=2, pipeline_schedule="interleaved"), 4, 4, "vpp >= 2"),
-    (dict(pp=2, vpp=2, pipeline_schedule="1f1b"), 4, 4, "needs parallel.pipeline_schedule=interleaved"),
+    (dict(pp=2, vpp=2, pipeline_schedule="afab"), 4, 4, "vpp=2 needs the interleaved schedule .* not 'afab'"),
+    (dict(pp=2, vpp=2), 3, 4, "multiple of parallel.pp"),  # the default 1f1b runs interleaved with vpp
     (dict(pp=2, pipeline_schedule="gpipe"), 4, 4, "unknown parallel.pipeline_schedule"),
     (dict(pp=2, pp_layer_split=[1, 2]), 4, 4, "sums to 3"),
     (dict(pp=2, pp_layer_split=[4]), 4, 4, "has 1 entries"),

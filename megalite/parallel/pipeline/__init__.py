@@ -7,4 +7,10 @@ from megalite.parallel.pipeline.schedules import (  # noqa: F401
     forward_backward_interleaved,
     get_pipeline_schedule,
 )
-from megalite.parallel.pipeline.stages import StageSpec, check_schedule, split_layers, stage_specs  # noqa: F401
+from megalite.parallel.pipeline.stages import (  # noqa: F401
+    StageSpec,
+    check_schedule,
+    resolve_schedule,
+    split_layers,
+    stage_specs,
+)

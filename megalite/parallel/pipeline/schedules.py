@@ -2,14 +2,16 @@
 
 All three share one signature with the no-pipelining version in megalite/training:
 
-    forward_backward(chunks, micro_batches, ps, *, num_tokens, forward_only=False, loss_scale=1.0,
-                     no_sync=None)
+    forward_backward(chunks, micro_batches, ps, *, num_units, step=TokenLoss(), forward_only=False,
+                     loss_scale=1.0, no_sync=None) -> {"loss": sum, <metric>: sum, ...}
 
 `chunks` are this rank's model chunks (one, or `vpp` with interleaving), each with `pre_process`
-/ `post_process` flags and a `forward(tokens=|hidden=, labels=, position_ids=, doc_ids=)`.
-Every micro-batch's loss is `token_losses.sum() / num_tokens` (times `loss_scale`, fp16's dynamic
-scale), so accumulated grads equal those of the whole step. The return value is the detached sum
-of the token losses this rank computed (the last stage's; zero elsewhere).
+/ `post_process` flags. `step` (pipeline/step.py) runs a chunk's forward and, on the last stage,
+the stage's loss: a sum over the micro-batch's units (loss tokens, preference pairs, ...). Each
+micro-batch backprops `loss_sum * loss_scale / num_units`, where `num_units` counts the units of
+the whole step on all DP ranks, so accumulated grads equal those of the step's global mean for
+any split into micro-batches and ranks. The return value holds the detached sums this rank
+computed (the last stage's; zeros elsewhere).
 
 Activation shapes come from the config ([seq/tp under SP, micro_batch, hidden]), so the
 receiving side allocates its buffer without first asking the sender for a shape.
@@ -33,7 +35,8 @@ import torch.nn as nn
 
 from megalite.config import ConfigError, ParallelConfig
 from megalite.parallel.pipeline.p2p import PipelineComm, activation_shape
-from megalite.parallel.pipeline.stages import check_schedule
+from megalite.parallel.pipeline.stages import check_schedule, resolve_schedule
+from megalite.parallel.pipeline.step import ForwardStep, TokenLoss, add_sums, new_sums
 from megalite.parallel.state import ParallelState
 
 MicroBatch = dict[str, torch.Tensor]
@@ -44,13 +47,14 @@ class _Steps:
     """Forward and backward of one (chunk, micro-batch); keeps the loss sum and grad-sync gating."""
 
     def __init__(self, chunks: list[nn.Module], micro_batches: list[MicroBatch], ps: ParallelState,
-                 num_tokens: float, forward_only: bool, loss_scale: float, no_sync: NoSync,
-                 comm: PipelineComm | None) -> None:
+                 num_units: float, step: ForwardStep | None, forward_only: bool, loss_scale: float,
+                 no_sync: NoSync, comm: PipelineComm | None) -> None:
         self.chunks, self.micro_batches, self.ps = chunks, micro_batches, ps
+        self.step = step if step is not None else TokenLoss()
         self.forward_only, self.no_sync = forward_only, no_sync
-        self.loss_factor = loss_scale / num_tokens
+        self.loss_factor = loss_scale / num_units
         self.backwards_left = len(chunks) * len(micro_batches)
-        self.loss_sum = torch.zeros((), dtype=torch.float32, device=ps.device)
+        self.sums = new_sums(self.step, ps.device)
         if comm is None:
             first = micro_batches[0]["tokens"]
             param = next(chunks[0].parameters())
@@ -61,17 +65,12 @@ class _Steps:
 
     def forward(self, chunk_id: int, mb_id: int, input_tensor: torch.Tensor | None) -> torch.Tensor:
         model, mb = self.chunks[chunk_id], self.micro_batches[mb_id]
-        kw = dict(position_ids=mb.get("position_ids"), doc_ids=mb.get("doc_ids"))
-        if model.post_process:
-            kw["labels"] = mb["labels"]
         with torch.set_grad_enabled(not self.forward_only):
-            if model.pre_process:
-                out = model(tokens=mb["tokens"], **kw)
-            else:
-                out = model(hidden=input_tensor, **kw)
-            if model.post_process:  # per-token losses [b, s] -> this micro-batch's share of the loss
-                self.loss_sum += out.detach().float().sum()
-                out = out.sum() * self.loss_factor
+            out = self.step.forward(model, mb, None if model.pre_process else input_tensor)
+            if model.post_process:  # the stage's loss sum -> this micro-batch's share of the step's loss
+                loss, metrics = self.step.loss(out, mb)
+                add_sums(self.sums, loss, metrics)
+                out = loss * self.loss_factor
         return out
 
     def backward(self, input_tensor: torch.Tensor | None, output: torch.Tensor,
@@ -88,12 +87,13 @@ class _Steps:
 
 
 def forward_backward_afab(chunks: list[nn.Module], micro_batches: list[MicroBatch], ps: ParallelState, *,
-                          num_tokens: float, forward_only: bool = False, loss_scale: float = 1.0,
-                          no_sync: NoSync = None, comm: PipelineComm | None = None) -> torch.Tensor:
+                          num_units: float, step: ForwardStep | None = None, forward_only: bool = False,
+                          loss_scale: float = 1.0, no_sync: NoSync = None,
+                          comm: PipelineComm | None = None) -> dict[str, torch.Tensor]:
     """All forwards, then all backwards (GPipe). The reference schedule: simplest, but it keeps the
     activations of every micro-batch alive at once."""
     (model,) = chunks
-    steps = _Steps(chunks, micro_batches, ps, num_tokens, forward_only, loss_scale, no_sync, comm)
+    steps = _Steps(chunks, micro_batches, ps, num_units, step, forward_only, loss_scale, no_sync, comm)
     comm = steps.comm
     saved = []
     for i in range(len(micro_batches)):
@@ -105,16 +105,17 @@ def forward_backward_afab(chunks: list[nn.Module], micro_batches: list[MicroBatc
     for inp, out in saved:  # first in, first out: the order in which the last stage finished them
         grad = comm.recv_backward()
         comm.send_backward(steps.backward(inp, out, grad))
-    return steps.loss_sum
+    return steps.sums
 
 
 def forward_backward_1f1b(chunks: list[nn.Module], micro_batches: list[MicroBatch], ps: ParallelState, *,
-                          num_tokens: float, forward_only: bool = False, loss_scale: float = 1.0,
-                          no_sync: NoSync = None, comm: PipelineComm | None = None) -> torch.Tensor:
+                          num_units: float, step: ForwardStep | None = None, forward_only: bool = False,
+                          loss_scale: float = 1.0, no_sync: NoSync = None,
+                          comm: PipelineComm | None = None) -> dict[str, torch.Tensor]:
     """1F1B (PipeDream-flush): stage r runs pp-r-1 warm-up forwards, then alternates one forward
     and one backward, then drains. Same bubble as AFAB, but at most pp micro-batches in flight."""
     (model,) = chunks
-    steps = _Steps(chunks, micro_batches, ps, num_tokens, forward_only, loss_scale, no_sync, comm)
+    steps = _Steps(chunks, micro_batches, ps, num_units, step, forward_only, loss_scale, no_sync, comm)
     comm = steps.comm
     m = len(micro_batches)
     warmup = min(ps.pp - ps.pp_rank - 1, m)
@@ -153,12 +154,13 @@ def forward_backward_1f1b(chunks: list[nn.Module], micro_batches: list[MicroBatc
         for _ in range(warmup):
             grad = comm.recv_backward()
             comm.send_backward(steps.backward(inputs.pop(0), outputs.pop(0), grad))
-    return steps.loss_sum
+    return steps.sums
 
 
 def forward_backward_interleaved(chunks: list[nn.Module], micro_batches: list[MicroBatch], ps: ParallelState, *,
-                                 num_tokens: float, forward_only: bool = False, loss_scale: float = 1.0,
-                                 no_sync: NoSync = None, comm: PipelineComm | None = None) -> torch.Tensor:
+                                 num_units: float, step: ForwardStep | None = None, forward_only: bool = False,
+                                 loss_scale: float = 1.0, no_sync: NoSync = None,
+                                 comm: PipelineComm | None = None) -> dict[str, torch.Tensor]:
     """Interleaved 1F1B (Megatron): each rank holds v chunks, so a micro-batch crosses it v times
     and the warm-up/drain bubble shrinks by v. Micro-batches go in groups of pp: the rank runs
     chunk 0 for pp of them, then chunk 1 for the same pp, ..., so the count must be a multiple of pp.
@@ -167,7 +169,7 @@ def forward_backward_interleaved(chunks: list[nn.Module], micro_batches: list[Mi
     m = len(micro_batches)
     if m % pp != 0:
         raise ValueError(f"interleaved schedule: {m} micro-batches is not a multiple of pp={pp}")
-    steps = _Steps(chunks, micro_batches, ps, num_tokens, forward_only, loss_scale, no_sync, comm)
+    steps = _Steps(chunks, micro_batches, ps, num_units, step, forward_only, loss_scale, no_sync, comm)
     comm = steps.comm
     total = m * v
     first_rank, last_rank = rank == 0, rank == pp - 1
@@ -270,7 +272,7 @@ def forward_backward_interleaved(chunks: list[nn.Module], micro_batches: list[Mi
             _, grad = comm.exchange(send_prev=input_grad, recv_next=recv_next)
             if recv_next:
                 grads[next_bc].append(grad)
-    return steps.loss_sum
+    return steps.sums
 
 
 SCHEDULE_FNS = {
@@ -280,9 +282,9 @@ SCHEDULE_FNS = {
 }
 
 
-def get_pipeline_schedule(ps: ParallelState, par: ParallelConfig) -> Callable[..., torch.Tensor]:
+def get_pipeline_schedule(ps: ParallelState, par: ParallelConfig) -> Callable[..., dict[str, torch.Tensor]]:
     """The configured schedule for pp > 1 (the trainer's `get_forward_backward` hook)."""
     check_schedule(par, num_micro=None)
     if ps.pp != par.pp or ps.vpp != par.vpp:
         raise ConfigError(f"pipeline layout mismatch: state pp={ps.pp} vpp={ps.vpp}, config pp={par.pp} vpp={par.vpp}")
-    return SCHEDULE_FNS[par.pipeline_schedule]
+    return SCHEDULE_FNS[resolve_schedule(par)]

@@ -101,7 +101,7 @@ def trace_schedule(schedule: str, pp: int, m: int, vpp: int = 1, t_fwd: float = 
         ps = ParallelState(world_size=pp, rank=rank, pp=pp, pp_rank=rank, vpp=vpp, pp_ranks=list(range(pp)))
         comm = _RecordingComm(ps)
         chunks = synthetic_chunks(pp, vpp, rank, t_fwd, t_bwd, lambda s, c=comm: c.trace.append(("compute", s)))
-        SCHEDULE_FNS[schedule](chunks, synthetic_micro_batches(m), ps, num_tokens=1.0,
+        SCHEDULE_FNS[schedule](chunks, synthetic_micro_batches(m), ps, num_units=1.0,
                                forward_only=forward_only, comm=comm)
         traces.append(comm.trace)
     return traces

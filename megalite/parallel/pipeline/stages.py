@@ -14,6 +14,14 @@ from megalite.config import ConfigError, ParallelConfig
 SCHEDULES = ("afab", "1f1b", "interleaved")
 
 
+def resolve_schedule(par: ParallelConfig) -> str:
+    """The schedule that runs. With virtual stages (vpp > 1) 1F1B means its interleaved form, as in
+    Megatron, so `parallel.vpp=2` alone is enough; only AFAB has no interleaved variant."""
+    if par.vpp > 1 and par.pipeline_schedule == "1f1b":
+        return "interleaved"
+    return par.pipeline_schedule
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """One model chunk of this rank: its global layer ids and whether it holds the ends."""
@@ -77,12 +85,12 @@ def check_schedule(par: ParallelConfig, num_micro: int | None, num_layers: int |
         split_layers(num_layers, par.pp, par.vpp, par.pp_layer_split)
     if par.pp == 1:
         return
-    interleaved = par.pipeline_schedule == "interleaved"
+    interleaved = resolve_schedule(par) == "interleaved"
     if interleaved and par.vpp < 2:
         raise ConfigError("parallel.pipeline_schedule=interleaved needs parallel.vpp >= 2")
     if par.vpp > 1 and not interleaved:
-        raise ConfigError(f"parallel.vpp={par.vpp} needs parallel.pipeline_schedule=interleaved, "
-                          f"not '{par.pipeline_schedule}'")
+        raise ConfigError(f"parallel.vpp={par.vpp} needs the interleaved schedule (parallel.pipeline_schedule="
+                          f"1f1b or interleaved), not '{par.pipeline_schedule}'")
     if interleaved and num_micro is not None and num_micro % par.pp != 0:
         raise ConfigError(f"the interleaved schedule needs the micro-batch count per step ({num_micro} = "
                           f"global_batch_size / (micro_batch_size*dp)) to be a multiple of parallel.pp {par.pp}")
