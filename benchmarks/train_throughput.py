@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,11 +47,15 @@ class SyntheticTokens:
         return np.random.default_rng(self.seed + i).integers(0, self.vocab, self.seq_len + 1, dtype=np.int64)
 
 
-def build(args: argparse.Namespace, extra: list[str]) -> tuple[Trainer, SyntheticTokens]:
+# Each trainer gets its own run dir (a run dir is locked by the run using it), removed at exit.
+_RUN_DIRS = tempfile.TemporaryDirectory(prefix="megalite_bench_")
+
+
+def build(args: argparse.Namespace, extra: list[str], name: str = "run") -> tuple[Trainer, SyntheticTokens]:
     base = ["data.tokenizer_type=byte", "data.reset_at_eod=false", "checkpoint.load=",
             "checkpoint.save_on_exit=false", "train.eval_interval=0", "train.progress_bar=false",
             f"train.train_steps={args.steps + args.warmup}", "train.log_interval=1000000",
-            "train.run_dir=/tmp/megalite_bench"]
+            f"train.run_dir={_RUN_DIRS.name}/{name}"]
     cfg = load_config(args.config, [*base, *args.overrides, *extra])
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = 512
@@ -128,7 +133,7 @@ def main() -> None:
     trainers, resident = {}, {}
     for name, extra in variants.items():
         held = torch.cuda.memory_allocated() if cuda else 0
-        trainers[name] = build(args, extra)
+        trainers[name] = build(args, extra, name)
         resident[name] = (torch.cuda.memory_allocated() - held) / 2**30 if cuda else float("nan")
     times: dict[str, list[float]] = {name: [] for name in trainers}
     first: dict[str, float] = {}

@@ -31,6 +31,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +45,8 @@ from benchmarks.train_throughput import SyntheticTokens  # noqa: E402
 from megalite.config import load_config  # noqa: E402
 from megalite.model.flops import param_count  # noqa: E402
 from megalite.training.trainer import Trainer  # noqa: E402
+
+_RUN_DIRS = tempfile.TemporaryDirectory(prefix="megalite_vs_megatron_")  # per process: run dirs are locked
 
 # hidden, layers, heads, kv heads, ffn, vocab, seq, micro-batch, global batch, tied
 SHAPES = {
@@ -227,7 +230,7 @@ def megalite_trainer(shape: dict, tp: int, sp: bool, steps: int, device: torch.d
         f"optim.beta1={BETAS[0]}", f"optim.beta2={BETAS[1]}", f"optim.eps={EPS}", f"optim.weight_decay={WD}",
         f"optim.clip_grad={CLIP}", "data.tokenizer_type=byte", "data.reset_at_eod=false", "checkpoint.load=",
         "checkpoint.save_on_exit=false", "train.progress_bar=false", "train.log_interval=1000000",
-        "train.run_dir=/tmp/megalite_vs_megatron"]
+        f"train.run_dir={_RUN_DIRS.name}"]
     cfg = load_config(None, overrides)
     ds = SyntheticTokens(shape["vocab"], shape["seq"])
     return Trainer(cfg, datasets=(ds, None)), ds
