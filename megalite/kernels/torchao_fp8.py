@@ -124,6 +124,15 @@ def convert_to_float8(model: nn.Module, recipe: str, emulate: bool = False) -> l
     one, in place; returns the converted module names. A projection whose local shape cannot run an
     FP8 GEMM is refused by name (ConfigError; never left in BF16 silently)."""
     matmul = Float8Matmul(float8_config(recipe, emulate))
+    # torchao's own conversion entry point first works around a Triton miscompile of fp8 stores in
+    # compiled kernels (an inductor codegen patch, applied once); we skip that entry point (our
+    # linears are not nn.Linear), so apply the same patch here.
+    try:
+        patch = importlib.import_module("torchao.float8._inductor_patch")
+    except ImportError:  # a torchao without it (the patch is private to torchao)
+        patch = None
+    if hasattr(patch, "_patch_inductor_min_max_codegen"):
+        patch._patch_inductor_min_max_codegen()
     converted = fp8_linear_modules(model)
     for name, m in converted.items():
         out_f, in_f = m.weight.shape

@@ -136,6 +136,10 @@ def test_swap_converts_exactly_the_layer_projections(recipe):
     assert type(model.embedding).__name__ == "VocabParallelEmbedding" and not hasattr(model.embedding, "linear_fn")
     # Master weights stay fp32 parameters under the same names.
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    # torchao's inductor workaround for fp8 stores, which its own conversion applies, is applied too.
+    import torchao.float8._inductor_patch as patch
+
+    assert patch._PATCHED
 
 
 def test_swap_unfuses_the_triton_down_projection():
