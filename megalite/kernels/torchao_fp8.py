@@ -123,6 +123,12 @@ def convert_to_float8(model: nn.Module, recipe: str, emulate: bool = False) -> l
     """Swaps the matmul of every decoder-layer TP linear of a LlamaModel chunk for torchao's float8
     one, in place; returns the converted module names. A projection whose local shape cannot run an
     FP8 GEMM is refused by name (ConfigError; never left in BF16 silently)."""
+    from megalite.parallel.lora import is_adapter
+
+    if any(is_adapter(p) for p in model.parameters()):
+        # The LoRA wrappers run their own F.linear around the base weight: no FP8 there.
+        raise ConfigError("train.fp8_backend=torchao does not run LoRA adapters' projections in FP8; "
+                          "use precision=bf16 with lora.rank > 0")
     matmul = Float8Matmul(float8_config(recipe, emulate))
     # torchao's own conversion entry point first works around a Triton miscompile of fp8 stores in
     # compiled kernels (an inductor codegen patch, applied once); we skip that entry point (our

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megalite.parallel.async_linear import column_parallel_linear
 from megalite.parallel.mappings import (
     copy_to_tp,
     gather_from_sequence,
@@ -60,8 +61,12 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.ps.tp_group
-        x = gather_from_sequence(x, g) if self.ps.sp else copy_to_tp(x, g)
-        y = self.linear_fn(x, self.weight, self.bias)
+        # The overlapped path does its own matmul; an FP8 matmul (linear_fn) takes the blocking one.
+        if self.ps.tp > 1 and self.ps.tp_comm_overlap and self.linear_fn is F.linear:
+            y = column_parallel_linear(x, self.weight, self.bias, g, self.ps.sp)  # backward overlaps (async_linear.py)
+        else:
+            x = gather_from_sequence(x, g) if self.ps.sp else copy_to_tp(x, g)
+            y = self.linear_fn(x, self.weight, self.bias)
         return gather_from_tp(y, g) if self.gather_output else y
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from megalite.config import Config
 from megalite.model import LlamaModel
 from megalite.model.compile import compile_layers
+from megalite.model.lora import apply_lora
 from megalite.model.recompute import apply_recompute
 from megalite.parallel.pipeline import check_schedule, stage_specs
 from megalite.parallel.rng import RNGTracker
@@ -33,6 +34,8 @@ def build_model(cfg: Config, ps: ParallelState, rng: RNGTracker | None,
         model = LlamaModel(cfg.model, ps, rng, layer_ids=spec.layer_ids, pre_process=spec.pre_process,
                            post_process=spec.post_process, device=ps.device)
         model.init_weights(t.seed)
+        if cfg.lora.rank > 0:  # adapters on the targeted projections; everything else frozen
+            apply_lora(model, cfg.lora, t.seed)
         apply_recompute(model, par.recompute, par.recompute_every)
         if t.precision == "fp8" and t.fp8_backend == "torchao":
             from megalite.kernels.torchao_fp8 import convert_to_float8

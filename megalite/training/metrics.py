@@ -98,8 +98,11 @@ class MetricsLogger:
         line = (f"step {step}/{self.total} {bar}{100 * frac:3.0f}% | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
                 f"gnorm {r['grad_norm']:.3f} | {_fmt_rate(self.smoothed_rate(r['tokens_per_sec']))} tok/s | mfu {mfu} | "
                 f"ETA {_fmt_duration(eta)}")
-        if "eval_loss" in r:
-            line += f" | eval {r['eval_loss']:.4f} (ppl {r['eval_ppl']:.1f})"
+        if "eval_loss" in r:  # (a stage whose loss is no token CE has no perplexity)
+            line += f" | eval {r['eval_loss']:.4f}" + (f" (ppl {r['eval_ppl']:.1f})" if "eval_ppl" in r else "")
+        for k in ("reward_accuracy", "eval_reward_accuracy"):
+            if k in r:
+                line += f" | {k.replace('reward_', '')} {r[k]:.3f}"
         print(line, file=sys.stdout, flush=True)
 
     def close(self) -> None:

@@ -149,6 +149,16 @@ def test_swap_unfuses_the_triton_down_projection():
     assert not any(layer.mlp.fused_down for layer in model.layers.values())
 
 
+def test_lora_is_refused():
+    from megalite.config import LoraConfig
+    from megalite.model.lora import apply_lora
+
+    model = _model()
+    apply_lora(model, LoraConfig(rank=4), seed=1)
+    with pytest.raises(ConfigError, match="does not run LoRA adapters' projections in FP8"):
+        torchao_fp8.convert_to_float8(model, "tensorwise", emulate=True)
+
+
 def test_unaligned_projection_is_refused_by_name():
     model = _model(dataclasses.replace(CFG, ffn_hidden_size=72))
     with pytest.raises(ConfigError, match=r"layers\.0\.mlp\.down: local weight 64x72 is not a multiple of 16"):
