@@ -10,8 +10,10 @@ activation checkpointing stays an eager wrapper around a compiled region (its cu
 context cannot be traced). Inside the body:
 * The TP/SP mappings are custom autograd Functions around collectives. Dynamo traces the SP ones
   (all-gather / reduce-scatter along the sequence) into the graph as functional collectives, in
-  forward and backward (checked on gloo: no graph break at TP2+SP). The plain-TP all-reduce works in
-  place (mark_dirty), which dynamo cannot trace, so it runs eagerly behind a clean graph break.
+  forward and backward (checked on gloo: no graph break at TP2+SP with tp_comm_overlap=false). The
+  plain-TP all-reduce works in place (mark_dirty) and the overlapped column-parallel Function
+  (tp_comm_overlap, the default) issues async collectives; dynamo traces neither, so they run
+  eagerly behind clean graph breaks.
   Traced collectives report to `comm.count_comm` only while tracing, so count traffic eagerly.
 * The Triton kernels (norm_impl/mlp_impl=triton) are called through their autograd Functions,
   which dynamo traces as user-defined Triton kernels on a GPU; under TRITON_INTERPRET they run
