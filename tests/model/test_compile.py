@@ -70,8 +70,11 @@ def test_compiled_matches_eager_tp1(tmp_path):
 
 # Selective recompute puts a checkpoint inside the compiled body (traced); full recompute wraps
 # the compiled body in an eager checkpoint that reruns it in backward.
-# Plain TP's in-place all-reduce is not traceable: those regions run eagerly behind graph breaks.
-LAYOUTS = {"tp2-sp-selective": ["parallel.tp=2", "parallel.sp=true", "parallel.recompute=selective"],
+# Without comm overlap the SP collectives are traced into the graph; plain TP's in-place all-reduce
+# and the overlapped column Function (tp_comm_overlap, the default) run eagerly behind graph breaks.
+LAYOUTS = {"tp2-sp-selective": ["parallel.tp=2", "parallel.sp=true", "parallel.recompute=selective",
+                                "parallel.tp_comm_overlap=false"],
+           "tp2-sp-overlap": ["parallel.tp=2", "parallel.sp=true"],
            "tp2": ["parallel.tp=2"],
            "pp2-full": ["parallel.pp=2", "parallel.recompute=full"]}
 
@@ -86,7 +89,7 @@ def _layout_worker(rank: int, world: int, run_dir: str, layouts: list[list[str]]
 
 
 @pytest.mark.slow
-def test_compiled_matches_eager_tp2_sp_tp2_and_pp2(tmp_path):
+def test_compiled_matches_eager_tp2_and_pp2(tmp_path):
     per_rank = run_distributed(_layout_worker, 2, str(tmp_path), list(LAYOUTS.values()))
     for i, name in enumerate(LAYOUTS):
         for eager, compiled, graphs in (r[i] for r in per_rank):
