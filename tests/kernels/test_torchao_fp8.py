@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -235,9 +236,11 @@ def test_fp8_gpu_step_tracks_bf16(recipe, tmp_path):
     # The trainer path: config -> swap -> steps, loss going down.
     from megalite.training.trainer import Trainer
 
-    hist = Trainer(tiny_config(str(tmp_path), "train.precision=fp8", "train.fp8_backend=torchao",
-                               f"train.fp8_recipe={recipe}", "model.hidden_size=128", "model.ffn_hidden_size=256",
-                               "train.train_steps=6", "train.device=cuda")).train()
+    cfg = tiny_config(str(tmp_path), "train.precision=fp8", "train.fp8_backend=torchao", f"train.fp8_recipe={recipe}",
+                      "model.vocab_size=512", "model.hidden_size=128", "model.ffn_hidden_size=256",
+                      "train.train_steps=6", "train.device=cuda")
+    window = (np.arange(cfg.train.seq_len + 1) % 7).astype(np.int64)  # learnable; no corpus to build
+    hist = Trainer(cfg, datasets=([window] * 64, None)).train()
     assert hist[-1]["loss"] < hist[0]["loss"]
 
 
