@@ -241,6 +241,26 @@ class RewardConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = False  # TensorBoard event files (needs the tensorboard package)
+    tensorboard_dir: str = ""  # default: <run_dir>/tensorboard
+    wandb_project: str = ""  # set: log to Weights & Biases (needs the wandb package)
+    wandb_entity: str = ""
+    wandb_name: str = ""  # default: <run dir name>-<stage>
+    wandb_mode: str = ""  # online | offline | disabled; empty: wandb's default (WANDB_MODE)
+
+
+@dataclass
+class EvalConfig:
+    path: Any = ""  # shard prefix(es) to score whole; empty: the data section's held-out split
+    split: str = "valid"  # valid | test: which held-out split of data.path when eval.path is empty
+    jsonl: str = ""  # a JSONL file of texts to score instead of shards
+    text_key: str = "text"
+    max_samples: int = 0  # 0: every window (shards) or every text (JSONL)
+    output: str = ""  # the JSON result; default: <run_dir>/eval.json
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -254,6 +274,8 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -408,6 +430,7 @@ _RANGES: dict[str, dict[str, str]] = {
            "kl_coef": _NONNEG, "clip_low": _PROB, "clip_high": _NONNEG, "value_clip": _NONNEG,
            "gamma": _FRAC, "lam": _FRAC, "ppo_epochs": _POS, "overlong_buffer": _NONNEG,
            "overlong_penalty": _NONNEG, "mismatch_bound": _POS},
+    "eval": {"max_samples": _NONNEG},
 }
 
 

@@ -53,8 +53,10 @@ def _fmt_rate(x: float) -> str:
 class MetricsLogger:
     """Rank 0 writes metrics.jsonl and the console; other ranks only compute."""
 
-    def __init__(self, run_dir: str, total_steps: int, enabled: bool, progress_bar: bool = True) -> None:
+    def __init__(self, run_dir: str, total_steps: int, enabled: bool, progress_bar: bool = True,
+                 sinks: list | None = None) -> None:
         self.enabled, self.total, self.bar = enabled, total_steps, progress_bar
+        self.sinks = sinks or []  # TensorBoard / W&B (loggers.py): the same rows as metrics.jsonl
         self.path = Path(run_dir) / "metrics.jsonl"
         self.start_time, self.start_step = time.time(), None
         self.file = None  # opened at the first row: a resume first drops the rows it will redo
@@ -74,6 +76,11 @@ class MetricsLogger:
                 self.file = open(self.path, "a", buffering=1)
             self.file.write(json.dumps(clean, allow_nan=False) + "\n")
             self.file.flush()
+            if self.sinks:
+                from megalite.training.loggers import scalars_of
+
+                for sink in self.sinks:
+                    sink.log(int(record["step"]), scalars_of(clean))
         except OSError as e:
             self.failed = f"cannot write {self.path}: {e.strerror or e}"
 
@@ -106,6 +113,12 @@ class MetricsLogger:
         print(line, file=sys.stdout, flush=True)
 
     def close(self) -> None:
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            try:
+                sink.close()
+            except OSError as e:
+                self.failed = self.failed or f"cannot close a metrics sink: {e.strerror or e}"
         if self.file is not None and not self.file.closed:
             try:
                 self.file.flush()

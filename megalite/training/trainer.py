@@ -38,6 +38,7 @@ from megalite.parallel.state import (
 from megalite.training.build import build_model, check_step_schedule
 from megalite.training.forward_backward import get_forward_backward
 from megalite.training.guards import DivergenceGuard, check_train_split
+from megalite.training.loggers import build_sinks, check_logging
 from megalite.training.lr_schedule import lr_at
 from megalite.training.metrics import MetricsLogger, peak_flops
 from megalite.training.optimizer import build_optimizer
@@ -75,6 +76,7 @@ class Trainer:
         check_impls(m, self.device)
         check_lora_config(cfg.lora, m, cfg.checkpoint.pretrained)
         lr_at(0, t.train_steps, cfg.optim)  # rejects an unknown decay now, not at step 1
+        check_logging(cfg)  # a requested TensorBoard / W&B that is not installed: one line, before any work
         self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
         if m.vocab_size == 0:
             m.vocab_size = self.tokenizer.vocab_size
@@ -100,7 +102,8 @@ class Trainer:
         self.flops_per_token = flops_per_token(m, t.seq_len)
         self.peak = peak_flops(self.device, "fp8" if self.precision == "fp8" else self.precision)
         self.is_logger = self.ps.rank == 0
-        self.metrics = MetricsLogger(t.run_dir, t.train_steps, self.is_logger, t.progress_bar)
+        self.metrics = MetricsLogger(t.run_dir, t.train_steps, self.is_logger, t.progress_bar,
+                                     sinks=build_sinks(cfg, self.is_logger, self.stage.name))
         self.lora_base: dict | None = None  # LoRA: the frozen base's checkpoint, recorded in ours
         self._maybe_resume()
         if self.is_logger:
