@@ -151,7 +151,9 @@ class TrainConfig:
     train_steps: int = 1000
     seed: int = 1234
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 | fp8
-    fp8_recipe: str = "delayed"  # delayed | current | mxfp8
+    fp8_recipe: str = "delayed"  # te: delayed | current | mxfp8; torchao: tensorwise | rowwise
+    fp8_backend: str = "te"  # te (Transformer Engine modules) | torchao (Float8Linear on our TP layers)
+    compile: bool = False  # torch.compile each decoder layer (regional compilation)
     loss_scale: float = 0.0  # fp16: 0 means dynamic loss scaling
     device: str = "auto"  # auto | cpu | cuda
     run_dir: str = "runs/default"

@@ -69,7 +69,7 @@ class Trainer:
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         self.dp = check_layout(m, cfg.parallel, t, world)
         self.num_micro = check_step_schedule(cfg, self.dp)  # micro-batches per step on each DP rank
-        if t.precision == "fp8" and m.linear_impl == m.mlp_impl == "torch":
+        if t.precision == "fp8" and t.fp8_backend == "te" and m.linear_impl == m.mlp_impl == "torch":
             # FP8 runs only inside Transformer Engine modules: fp8 selects them in the layer spec.
             m.linear_impl = m.mlp_impl = "te"
         self.precision = resolve_precision(t, self.device, m)
@@ -86,7 +86,7 @@ class Trainer:
         init_distributed(self.device)
         self.ps: ParallelState = build_parallel_state(cfg.parallel, self.device)
         self.run_lock = lock_run_dir(t.run_dir, self.ps.rank, self.ps.world_size, self.device)  # one run per dir
-        self.autocast = make_autocast(self.precision, self.device, t.fp8_recipe, self.ps.tp_dp_group)
+        self.autocast = make_autocast(self.precision, self.device, t.fp8_recipe, self.ps.tp_dp_group, t.fp8_backend)
         self.rng = seed_everything(t.seed, self.ps.tp_rank, self.ps.pp_rank, self.device)
         self.train_ds, self.valid_ds = datasets if datasets is not None else self.stage.build_datasets(self)
         check_train_split(self.train_ds, cfg)
