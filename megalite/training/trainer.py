@@ -97,8 +97,8 @@ class Trainer:
         # What the scaler unscales and checks (nothing when it is off); parameters are never replaced.
         self.scaled_params = [p for c in self.chunks for p in c.parameters()] if self.scaler.enabled else []
         self.state = TrainState()
-        self.divergence = DivergenceGuard(self.precision, self.cfg.checkpoint.dir or Path(t.run_dir) / "checkpoints")
         self.ckpt_dir = Path(cfg.checkpoint.dir or Path(t.run_dir) / "checkpoints")
+        self.divergence = DivergenceGuard(self.precision, self.ckpt_dir)
         self.flops_per_token = flops_per_token(m, t.seq_len)
         self.peak = peak_flops(self.device, "fp8" if self.precision == "fp8" else self.precision)
         self.is_logger = self.ps.rank == 0
