@@ -28,6 +28,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout", "ruff", "triton>=3.0", "transformers"],
         "triton": ["triton>=3.0"],
+        "demo": ["matplotlib==3.11.2"],  # the plots in runs/demo/REPORT.md
     },
     entry_points={"console_scripts": ["megalite=megalite.cli:main"]},
 )

@@ -26,10 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="redo every stage (also FRESH=1)")
     p.add_argument("--out", default=None, help="output directory (default runs/demo, runs/demo-smoke)")
     args = p.parse_args(argv)
-    size = "smoke" if args.smoke or os.environ.get("DEMO_SIZE") == "smoke" else "full"
-    if os.environ.get("DEMO_SIZE", size) not in SIZES:
-        print(f"error: DEMO_SIZE={os.environ['DEMO_SIZE']}: expected one of {', '.join(SIZES)}", file=sys.stderr)
+    env_size = os.environ.get("DEMO_SIZE", "")  # make passes it empty when unset
+    if env_size and env_size not in SIZES:
+        print(f"error: DEMO_SIZE={env_size}: expected one of {', '.join(SIZES)}", file=sys.stderr)
         return 2
+    size = "smoke" if args.smoke or env_size == "smoke" else "full"
     fresh = args.fresh or os.environ.get("FRESH", "") not in ("", "0")
     out = Path(args.out or ("runs/demo" if size == "full" else "runs/demo-smoke")).resolve()
     t0 = time.time()

@@ -91,11 +91,12 @@ def _dur(s: float) -> str:
 
 def write_report(out: Path, results: list[Result], size: str, total_wall: float) -> Path:
     plots = plot(out)
+    done = [r for r in results if r.status in ("ran", "reused")]
     lines = [f"# megalite demo ({size})", "",
              f"Raw stdlib text to an aligned model, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
-             f"Wall time {_dur(total_wall)}; the stages' CPU time (user + sys, what an unloaded core would take "
-             f"one thread at a time) {_dur(sum(r.cpu_s for r in results if r.status == 'ran'))} for the stages "
-             "run now. `reused` stages were finished by an earlier run with the same inputs.", "",
+             f"This run took {_dur(total_wall)}. The stages took {_dur(sum(r.wall_s for r in done))} wall and "
+             f"{_dur(sum(r.cpu_s for r in done))} CPU (user + sys of their processes: the wall time one unloaded "
+             "core would need) when they ran; `reused` ones ran in an earlier run with the same inputs.", "",
              "| # | stage | status | numbers | wall | cpu |", "|---|---|---|---|---|---|"]
     for i, r in enumerate(results, 1):
         timing = (_dur(r.wall_s), _dur(r.cpu_s)) if r.status in ("ran", "reused", "failed") else ("", "")
@@ -111,8 +112,10 @@ def write_report(out: Path, results: list[Result], size: str, total_wall: float)
     if samples and samples.metrics.get("samples"):
         final = samples.metrics.get("final", "sft")
         cols = ["sft"] + (["final"] if final != "sft" else [])
+        which = (f"Before alignment (SFT) and after ({final.upper()})" if final != "sft" else
+                 "The SFT model (no alignment stage in this build)")
         lines += ["## Samples: held-out docstrings, greedy", "",
-                  f"Before alignment (SFT) and after ({final.upper()}); the reference is the stdlib's own code. "
+                  f"{which}; the reference is the stdlib's own code, from modules no stage trained on. "
                   "✓ marks an answer that parses and is not trivial.", ""]
         from megalite.pipeline.rewards import score
 
