@@ -161,7 +161,8 @@ def write_pairs(out_dir: Path, files: list[Path], max_chars: int, heldout: int, 
 
     dump("sft.jsonl", sft)
     dump("preference.jsonl", prefs)
-    dump("prompts.jsonl", [{"prompt": p} for p, _ in train])  # GRPO: the SFT prompts, answers unseen
+    # GRPO: short SFT prompts whose function fits in a short answer (rl.max_new_tokens)
+    dump("prompts.jsonl", [{"prompt": p} for p, a in train if len(p) <= 300 and len(a) <= 350])
     dump("heldout.jsonl", [{"prompt": p, "reference": a} for p, a in held])
     return {"sft_pairs": len(sft), "preference_pairs": len(prefs), "heldout_prompts": len(held)}
 

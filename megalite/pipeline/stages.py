@@ -155,7 +155,7 @@ def build(out: Path, size: str) -> list[Stage]:
     init = "dpo" if cli_stage_available("dpo") else "sft"  # GRPO refines the best model there is
     stages.append(
         Stage("grpo", f"GRPO from the {init.upper()} model, reward: the answer parses and is not trivial",
-              [["python", "-m", "megalite.cli", "grpo", "--config", cfg["grpo"], f"data.path={pairs / 'prompts.jsonl'}",
+              [["python", "-m", "megalite.cli", "grpo", "--config", cfg["grpo"], f"rl.prompts={pairs / 'prompts.jsonl'}",
                 f"checkpoint.pretrained={ckpt[init]}", "reward.function=megalite.pipeline.rewards:parses",
                 *train_args("grpo", z["grpo_steps"], 0)]],
               deps=(init,), configs=(cfg["grpo"],), requires=("grpo",), summarize=_grpo_summary,
