@@ -73,7 +73,7 @@ def test_smoke_demo_improves_every_stage_and_reuses_on_rerun(tmp_path):
     before = {n: (out / n / MARKER).stat().st_mtime_ns for n in ("pretrain", "sft", "samples")}
     r2 = _demo(out)
     assert r2.returncode == 0, r2.stdout[-3000:]
-    assert "megalite pretrain" not in r2.stdout and "step 1/" not in r2.stdout  # nothing trained again
+    assert "$ megalite" not in r2.stdout and "step 10/" not in r2.stdout  # nothing trained again
     for n in ("collect", "clean", "tokenizer", "shards", "pretrain", "sft", "samples"):
         assert f"{n:<10} reused" in r2.stdout
     assert before == {n: (out / n / MARKER).stat().st_mtime_ns for n in before}

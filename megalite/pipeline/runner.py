@@ -35,7 +35,7 @@ class Stage:
     title: str
     commands: list[list[str]]  # argv lists, run in order; "python" is this interpreter
     deps: tuple[str, ...] = ()
-    configs: tuple[str, ...] = ()  # files whose contents are part of the key
+    configs: tuple[str, ...] = ()  # files whose contents are part of the key (relative to ROOT or absolute)
     requires: tuple[str, ...] = ()  # `megalite <stage>` commands this build must have
     summarize: Callable[[Path], dict] = field(default=lambda d: {})  # numbers read from the outputs
     line: Callable[[dict], str] = field(default=lambda m: "")  # the one-line summary of those numbers
@@ -77,7 +77,7 @@ def _argv(cmd: list[str]) -> list[str]:
 
 def stage_key(stage: Stage, dep_keys: list[str]) -> str:
     h = hashlib.sha256()
-    configs = {c: hashlib.sha256(Path(c).read_bytes()).hexdigest() for c in stage.configs}
+    configs = {c: hashlib.sha256((ROOT / c).read_bytes()).hexdigest() for c in stage.configs}
     h.update(json.dumps({"name": stage.name, "commands": stage.commands, "configs": configs,
                          "deps": dep_keys}, sort_keys=True).encode())
     return h.hexdigest()[:16]
