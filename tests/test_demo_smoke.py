@@ -51,7 +51,13 @@ def test_smoke_demo_improves_every_stage_and_reuses_on_rerun(tmp_path):
     for name in ("rm", "dpo"):
         m = _stage(out, name)
         if cli_stage_available(name):
-            assert m["metrics"]["eval_accuracy_last"] > m["metrics"]["eval_accuracy_first"], m
+            # The first eval comes after a few steps, already above chance on this easy task, and a
+            # smoke eval holds only 8 pairs: the held-out loss must fall and the accuracy end well
+            # above chance (0.5; a fresh score head, or DPO's policy = reference at step 0).
+            mm = m["metrics"]
+            assert mm["eval_loss_last"] < mm["eval_loss_first"] and mm["eval_accuracy_last"] >= 0.75, m
+            if name == "dpo":
+                assert mm["eval_margin_last"] > mm["eval_margin_first"] > 0, m
         else:  # not in this build: reported as skipped, and the run still succeeds
             assert m is None and f"{name:<10} skipped  skipped: stage not available in this build" in r.stdout
     grpo = _stage(out, "grpo")

@@ -141,16 +141,19 @@ def build(out: Path, size: str) -> list[Stage]:
               [["python", "-m", "megalite.cli", "rm", "--config", cfg["rm"], f"data.path={shards / 'pref'}",
                 f"checkpoint.pretrained={ckpt['sft']}", *train_args("rm", z["rm_steps"], z["pref_eval"])]],
               deps=("sft",), configs=(cfg["rm"],), requires=("rm",),
-              summarize=_train_summary([("loss", "loss"), ("eval_reward_accuracy|eval_accuracy", "eval_accuracy")]),
-              line=lambda m: _arrow(m, "eval_accuracy", "held-out reward accuracy")),
+              summarize=_train_summary([("loss", "loss"), ("eval_loss", "eval_loss"),
+                                        ("eval_reward_accuracy|eval_accuracy", "eval_accuracy")]),
+              line=lambda m: _arrow(m, "eval_accuracy", "held-out reward accuracy") + "; "
+              + _arrow(m, "eval_loss", "held-out BT loss")),
         Stage("dpo", "DPO on the same pairs (megalite dpo)",
               [["python", "-m", "megalite.cli", "dpo", "--config", cfg["dpo"], f"data.path={shards / 'pref'}",
                 f"checkpoint.pretrained={ckpt['sft']}", *train_args("dpo", z["dpo_steps"], z["pref_eval"])]],
               deps=("sft",), configs=(cfg["dpo"],), requires=("dpo",),
-              summarize=_train_summary([("loss", "loss"), ("eval_reward_accuracy|eval_accuracy", "eval_accuracy"),
+              summarize=_train_summary([("loss", "loss"), ("eval_loss", "eval_loss"),
+                                        ("eval_reward_accuracy|eval_accuracy", "eval_accuracy"),
                                         ("eval_margin", "eval_margin")]),
               line=lambda m: _arrow(m, "eval_accuracy", "held-out reward accuracy") + "; "
-              + _arrow(m, "eval_margin", "margin")),
+              + _arrow(m, "eval_margin", "margin") + "; " + _arrow(m, "eval_loss", "DPO loss")),
     ]
     init = "dpo" if cli_stage_available("dpo") else "sft"  # GRPO refines the best model there is
     stages.append(
