@@ -98,7 +98,7 @@ def _functions(path: Path, max_chars: int) -> Iterator[tuple[str, str]]:
             continue
         if len(answer) > max_chars or len(answer.splitlines()) < 3:
             continue
-        doc = textwrap.shorten(doc, 300, placeholder=" ...")
+        doc = textwrap.shorten(doc, 200, placeholder=" ...")
         yield f"{doc}\n\n{sig}", answer
 
 
@@ -134,7 +134,7 @@ def _held_out(name: str, frac: float) -> bool:
     return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < frac
 
 
-def write_pairs(out_dir: Path, files: list[Path], max_chars: int, heldout: int, seed: int) -> dict:
+def write_pairs(out_dir: Path, files: list[Path], max_chars: int, heldout: int, seed: int, short: int = 300) -> dict:
     rng = random.Random(seed)
     train: list[tuple[str, str]] = []
     held: list[tuple[str, str]] = []
@@ -144,6 +144,7 @@ def write_pairs(out_dir: Path, files: list[Path], max_chars: int, heldout: int, 
             dest.extend(_functions(path, max_chars))
             bar.update(1)
     rng.shuffle(train)
+    held = [(p, a) for p, a in held if len(a) <= short]  # held-out and GRPO answers fit in a short generation
     rng.shuffle(held)
     if not held:  # a small --max-files may hash no module into the held-out tenth
         held, train = train[-heldout:], train[:-heldout]
@@ -162,7 +163,7 @@ def write_pairs(out_dir: Path, files: list[Path], max_chars: int, heldout: int, 
     dump("sft.jsonl", sft)
     dump("preference.jsonl", prefs)
     # GRPO: short SFT prompts whose function fits in a short answer (rl.max_new_tokens)
-    dump("prompts.jsonl", [{"prompt": p} for p, a in train if len(p) <= 300 and len(a) <= 350])
+    dump("prompts.jsonl", [{"prompt": p} for p, a in train if len(p) <= 250 and len(a) <= short])
     dump("heldout.jsonl", [{"prompt": p, "reference": a} for p, a in held])
     return {"sft_pairs": len(sft), "preference_pairs": len(prefs), "heldout_prompts": len(held)}
 
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="corpus: the JSONL to write")
     p.add_argument("--output-dir", help="pairs: the directory to write")
     p.add_argument("--max-files", type=int, default=None, help="read only the first N stdlib modules")
-    p.add_argument("--max-chars", type=int, default=700, help="pairs: the longest function kept")
+    p.add_argument("--max-chars", type=int, default=400, help="pairs: the longest function kept (a small model "
+                   "writes short ones best)")
     p.add_argument("--heldout", type=int, default=6, help="pairs: held-out prompts to sample")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -19,7 +19,7 @@ CONFIGS = Path("examples") / "configs" / "demo"  # relative to ROOT, where the c
 SIZES: dict[str, dict] = {
     "full": {"max_files": 0, "vocab": 2048, "pretrain_steps": 400, "pretrain_eval": 25, "sft_steps": 150,
              "sft_eval": 15, "rm_steps": 80, "dpo_steps": 80, "pref_eval": 10, "grpo_steps": 30,
-             "gen_tokens": 160, "heldout": 6, "train": []},
+             "gen_tokens": 128, "heldout": 6, "train": []},
     "smoke": {"max_files": 30, "vocab": 600, "pretrain_steps": 40, "pretrain_eval": 10, "sft_steps": 30,
               "sft_eval": 10, "rm_steps": 20, "dpo_steps": 20, "pref_eval": 5, "grpo_steps": 6,
               "gen_tokens": 48, "heldout": 3,
