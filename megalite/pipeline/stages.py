@@ -104,7 +104,8 @@ def build(out: Path, size: str) -> list[Stage]:
               [["python", "tools/clean_data.py", "--input", str(raw), "--output", str(clean), "--stats", str(stats),
                 "--config", cfg["clean"], "--workers", "2"]],
               deps=("collect",), configs=(cfg["clean"],), summarize=_clean_summary, line=lambda m: (
-                  f"kept {m['kept_docs']:,}/{m['input_docs']:,} docs (dropped {m['dropped']}); "
+                  f"kept {m['kept_docs']:,}/{m['input_docs']:,} docs (dropped: "
+                  f"{', '.join(f'{v} {k}' for k, v in m['dropped'].items()) or 'none'}); "
                   f"{m['emails_scrubbed']} e-mail addresses scrubbed")),
         Stage("tokenizer", f"SentencePiece BPE, vocab {z['vocab']}, chat tokens reserved (tools/train_tokenizer.py)",
               [["python", "tools/train_tokenizer.py", "--input", str(clean), "--vocab-size", str(z["vocab"]),
