@@ -26,8 +26,16 @@ setup(
     install_requires=["numpy", "pyyaml", "safetensors", "sentencepiece", "tokenizers", "tiktoken",
                       "zstandard", "pyarrow", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "ruff", "triton>=3.0", "transformers"],
+        # lm-eval is heavy (datasets, pandas, scikit-learn: ~2 min to install) but CI must test the
+        # lm-evaluation-harness adapter, so the test extra carries it. torchao declares no torch
+        # requirement, so it never pulls another torch build.
+        "test": ["pytest", "pytest-timeout", "ruff", "triton>=3.0", "transformers", "tensorboard==2.21.0",
+                 "lm-eval==0.4.13", "torchao==0.18.0"],
+        # `megalite eval` runs without it; the lm-evaluation-harness adapter needs it.
+        "eval": ["lm-eval==0.4.13"],
+        "logging": ["tensorboard==2.21.0", "wandb==0.31.0"],
         "triton": ["triton>=3.0"],
+        "fp8-torchao": ["torchao==0.18.0"],  # train.fp8_backend=torchao
         "demo": ["matplotlib==3.11.2"],  # the plots in runs/demo/REPORT.md
     },
     entry_points={"console_scripts": ["megalite=megalite.cli:main"]},

@@ -9,7 +9,10 @@ bytes, is:
 
     TP + SP     all_gather, reduce_scatter: 4A per layer per micro-batch (2 in forward, their
                 adjoints in backward), +A on the first stage (embedding) and +A on the last
-                (final gather before the head)
+                (final gather before the head); with parallel.tp_comm_overlap (the default)
+                all_gather +2A per layer and +A on the last stage: the QKV, gate/up and head
+                projections keep only their sequence shard and gather it again in backward,
+                behind the input-grad matmul
     TP, no SP   all_reduce: 4A per layer per micro-batch, +A first stage, +A last stage
     both        all_reduce: vocab-parallel CE statistics 3*b*s*4 per micro-batch (last stage),
                 TP-partial grads (norm weights under SP) once per step
@@ -21,7 +24,7 @@ bytes, is:
 
 Any op whose measured payload exceeds its analytical count is flagged EXCESS (the tool exits 1).
 
-Usage: python benchmarks/comm_volume.py [--tp 2] [--pp 1] [--dp 2] [--no-sp] [--distributed-optimizer]
+Usage: python benchmarks/comm_volume.py [--tp 2] [--pp 1] [--dp 2] [--no-sp] [--no-tp-overlap] [--distributed-optimizer]
                                         [--hidden 64] [--layers 4] [--seq 16] [--mbs 2] [--micro 2] [--json F]
 """
 
@@ -54,6 +57,7 @@ def make_config(a: argparse.Namespace) -> Config:
                                    num_kv_heads=4, ffn_hidden_size=2 * a.hidden, max_seq_len=a.seq))
     p, t = cfg.parallel, cfg.train
     p.tp, p.pp, p.sp, p.distributed_optimizer, p.bucket_size_mb = a.tp, a.pp, not a.no_sp, a.distributed_optimizer, 0.05
+    p.tp_comm_overlap = not getattr(a, "no_tp_overlap", False)  # tests pass a Namespace without it
     t.seq_len, t.micro_batch_size, t.global_batch_size = a.seq, a.mbs, a.mbs * a.micro * a.dp
     return cfg
 
@@ -98,6 +102,8 @@ def analytical(r: dict, a: argparse.Namespace) -> dict[str, int]:
     if tp > 1:
         if sp:
             out["all_gather"] = out["reduce_scatter"] = m * (4 * r["layers"] + ends) * act
+            if not getattr(a, "no_tp_overlap", False):
+                out["all_gather"] += m * (2 * r["layers"] + int(r["last"])) * act
             out["all_reduce"] = r["tp_partial"] * E
         else:
             out["all_reduce"] = m * (4 * r["layers"] + ends) * act
@@ -129,6 +135,7 @@ def main() -> int:
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--dp", type=int, default=2)
     ap.add_argument("--no-sp", action="store_true")
+    ap.add_argument("--no-tp-overlap", action="store_true")
     ap.add_argument("--distributed-optimizer", action="store_true")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=4)
@@ -141,7 +148,8 @@ def main() -> int:
     results = run_distributed(_worker, world, a)
     excess = False
     rows: list[dict] = []
-    print(f"layout tp={a.tp} pp={a.pp} dp={a.dp} sp={not a.no_sp} distributed_optimizer={a.distributed_optimizer} | "
+    print(f"layout tp={a.tp} pp={a.pp} dp={a.dp} sp={not a.no_sp} tp_comm_overlap={not a.no_tp_overlap} "
+          f"distributed_optimizer={a.distributed_optimizer} | "
           f"hidden {a.hidden}, layers {a.layers}, micro-batches {a.micro} x {a.mbs} x {a.seq} tokens")
     print(f"{'ranks':>7} {'op':<18} {'measured B':>12} {'analytical B':>12} {'ratio':>6}  note")
     groups: dict[str, list[int]] = {}  # ranks with identical counts (e.g. all DP/TP peers of a stage)

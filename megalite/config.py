@@ -83,6 +83,9 @@ class ParallelConfig:
     pp: int = 1
     vpp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B when > 1)
     sp: bool = False  # sequence parallelism inside the TP group
+    # Column-parallel backward launches its input-grad all-reduce / reduce-scatter asynchronously
+    # and computes the weight grad meanwhile; False: the blocking mappings (same numbers).
+    tp_comm_overlap: bool = True
     cp: int = 1  # context parallelism; only 1 is supported for now
     pipeline_schedule: str = "1f1b"  # afab | 1f1b | interleaved (1f1b with vpp > 1 runs interleaved)
     pp_layer_split: list[int] | None = None  # layers per stage (per virtual stage with vpp); None: even
@@ -148,7 +151,9 @@ class TrainConfig:
     train_steps: int = 1000
     seed: int = 1234
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 | fp8
-    fp8_recipe: str = "delayed"  # delayed | current | mxfp8
+    fp8_recipe: str = "delayed"  # te: delayed | current | mxfp8; torchao: tensorwise | rowwise
+    fp8_backend: str = "te"  # te (Transformer Engine modules) | torchao (Float8Linear on our TP layers)
+    compile: bool = False  # torch.compile each decoder layer (regional compilation)
     loss_scale: float = 0.0  # fp16: 0 means dynamic loss scaling
     device: str = "auto"  # auto | cpu | cuda
     run_dir: str = "runs/default"
@@ -181,6 +186,81 @@ class GenerateConfig:
 
 
 @dataclass
+class RMConfig:
+    margin: float = 0.0  # Bradley-Terry: the chosen score must win by this much (0: plain BT)
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | simpo
+    label_smoothing: float = 0.0  # cDPO / SimPO: the probability that a label is flipped
+    gamma: float = 0.0  # SimPO's target margin
+    rpo_alpha: float = 0.0  # weight of the chosen answer's length-normalized NLL (RPO); 0: off
+    reference: str = "precompute"  # precompute (one pass before training, stored beside the data) | model
+    ref_checkpoint: str = ""  # the frozen reference's weights; empty: checkpoint.pretrained
+    offload_reference: bool = False  # reference=model: park it on the CPU while the policy trains
+
+
+@dataclass
+class RLConfig:
+    """`megalite grpo` / `megalite ppo` (docs/rl.md). train.global_batch_size counts responses per step."""
+    prompts: str = ""  # JSONL ({"prompt"} / {"messages"} / {"tokens": [ids]}) or text, one prompt a line
+    chat: bool = False  # wrap text prompts in the chat template
+    group_size: int = 4  # responses per prompt (GRPO; PPO uses 1)
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # > 0; the log-prob passes divide the logits by it too
+    top_p: float = 1.0
+    seed: int = 0  # sampling seed; each DP rank and step draws its own stream from it
+    pad_id: int = -1  # -1: the tokenizer's pad (never the same as eos)
+    eos_id: int = -1  # -1: the tokenizer's eos
+    no_eos_penalty: float = 0.0  # subtracted from the score of a response that never emitted eos
+    kl_coef: float = 0.05  # PPO: per-token KL penalty in the reward; GRPO: beta of the k3 loss term
+    kl_estimator: str = "k1"  # PPO's in-reward estimator: k1 | k2 | k3 (GRPO's loss term is k3)
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # DAPO clip-higher: e.g. 0.28
+    value_clip: float = 0.2  # PPO; 0: no value clipping
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True  # PPO: whiten over the real tokens of the step
+    reward_norm: bool = False  # PPO: divide scores by a running std (merged over DP)
+    ppo_epochs: int = 1  # PPO: critic epochs per rollout (the policy takes one step per rollout)
+    aggregation: str = "seq_mean_token_mean"  # token_mean (DAPO) | seq_mean_token_mean | seq_mean_token_sum_norm
+    scale_by_std: bool = True  # GRPO: divide group advantages by the group std (false: Dr. GRPO)
+    drop_uniform_groups: bool = False  # DAPO: groups whose rewards are all equal carry no loss
+    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens of max_new_tokens; 0: off
+    overlong_penalty: float = 1.0
+    mismatch_bound: float = 1.01  # warn once when logprob_mismatch exceeds it
+    offload_ref: bool = False  # keep the reference (and reward) model on CPU between phases
+
+
+@dataclass
+class RewardConfig:
+    function: str = ""  # module:callable, called as fn(prompt: str, response: str) -> number
+    model: str = ""  # a reward model checkpoint (model.output_head=score)
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = False  # TensorBoard event files (needs the tensorboard package)
+    tensorboard_dir: str = ""  # default: <run_dir>/tensorboard
+    wandb_project: str = ""  # set: log to Weights & Biases (needs the wandb package)
+    wandb_entity: str = ""
+    wandb_name: str = ""  # default: <run dir name>-<stage>
+    wandb_mode: str = ""  # online | offline | disabled; empty: wandb's default (WANDB_MODE)
+
+
+@dataclass
+class EvalConfig:
+    path: Any = ""  # shard prefix(es) to score whole; empty: the data section's held-out split
+    split: str = "valid"  # valid | test: which held-out split of data.path when eval.path is empty
+    jsonl: str = ""  # a JSONL file of texts to score instead of shards
+    text_key: str = "text"
+    max_samples: int = 0  # 0: every window (shards) or every text (JSONL)
+    output: str = ""  # the JSON result; default: <run_dir>/eval.json
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -190,6 +270,12 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -331,13 +417,20 @@ _RANGES: dict[str, dict[str, str]] = {
                  "recompute_every": _POS},
     "optim": {"lr": _POS, "min_lr": _NONNEG, "weight_decay": _NONNEG, "beta1": _PROB, "beta2": _PROB,
               "eps": _POS, "warmup_steps": _NONNEG, "wsd_decay_fraction": _FRAC, "clip_grad": _NONNEG},
-    "train": {"seq_len": _POS, "micro_batch_size": _POS, "global_batch_size": _POS, "train_steps": _POS,
+    "train": {"seq_len": _POS, "micro_batch_size": _POS, "global_batch_size": _POS, "train_steps": _NONNEG,
               "seed": _NONNEG, "loss_scale": _NONNEG, "log_interval": _POS, "eval_interval": _NONNEG,
               "eval_steps": _POS, "exit_interval": _NONNEG},
     "checkpoint": {"save_interval": _NONNEG, "keep_last": _NONNEG},
     "lora": {"rank": _NONNEG, "alpha": _POS, "dropout": _PROB},
     "generate": {"max_new_tokens": _NONNEG, "temperature": _NONNEG, "top_k": _NONNEG, "top_p": _POS,
                  "seed": _NONNEG, "batch_size": _POS},
+    "rm": {"margin": _NONNEG},
+    "dpo": {"beta": _POS, "label_smoothing": _PROB, "gamma": _NONNEG, "rpo_alpha": _NONNEG},
+    "rl": {"group_size": _POS, "max_new_tokens": _POS, "temperature": _POS, "top_p": _POS, "seed": _NONNEG,
+           "kl_coef": _NONNEG, "clip_low": _PROB, "clip_high": _NONNEG, "value_clip": _NONNEG,
+           "gamma": _FRAC, "lam": _FRAC, "ppo_epochs": _POS, "overlong_buffer": _NONNEG,
+           "overlong_penalty": _NONNEG, "mismatch_bound": _POS},
+    "eval": {"max_samples": _NONNEG},
 }
 
 

@@ -11,8 +11,7 @@ from tests.training.common import TINY
 
 @pytest.mark.parametrize("override, message", [
     ("optim.lr=-1e-3", "optim.lr must be > 0, got -0.001"),
-    ("train.train_steps=0", "train.train_steps must be > 0, got 0"),
-    ("train.train_steps=-5", "train.train_steps must be > 0"),
+    ("train.train_steps=-5", "train.train_steps must be >= 0"),
     ("checkpoint.save_interval=-1", "checkpoint.save_interval must be >= 0, got -1"),
     ("train.micro_batch_size=0", "train.micro_batch_size must be > 0, got 0"),
     ("train.seq_len=0", "train.seq_len must be > 0, got 0"),
@@ -28,6 +27,13 @@ def test_out_of_range_is_one_line_naming_the_key(override, message):
         load_config(None, [override])
     assert str(e.value) == message or message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_zero_train_steps_is_refused_by_training_stages(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # (megalite rm evaluates a checkpoint with it)
+    assert cli.main(["pretrain", *TINY, f"train.run_dir={tmp_path}", "train.train_steps=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.train_steps must be > 0 for megalite pretrain" in err[0]
 
 
 def test_the_example_values_pass():

@@ -7,6 +7,8 @@ hf -> megalite writes a weights-only checkpoint (`step_00000000`, `latest`) that
 loads (Adam starts fresh), plus `megalite_model.yaml`, the `model:` section to train it with.
 megalite -> hf reads a step directory or a checkpoint root (its `latest`) and writes config.json
 and model.safetensors (sharded above --max-shard-size) for `LlamaForCausalLM.from_pretrained`.
+--merge-lora reads a LoRA (adapter-only) checkpoint and its base, folds W += alpha/r * B @ A into
+the base weights, and writes them as HF (--to hf) or as a plain megalite checkpoint (--to megalite).
 The output appears atomically: everything is written into a temp dir that is then renamed.
 """
 
@@ -25,6 +27,7 @@ import yaml
 
 from megalite.checkpoint.dist import replace_path, saved_model_config
 from megalite.checkpoint.global_weights import load_global_weights, save_global_weights
+from megalite.checkpoint.lora import merged_global_weights
 from megalite.config import Config, ConfigError
 from megalite.hf.convert import (
     hf_config_from_model,
@@ -55,8 +58,8 @@ def hf_to_megalite_dir(src: Path, dst: Path, dtype: str) -> str:
 
 
 def megalite_to_hf_dir(src: Path, dst: Path, dtype: str, max_shard_bytes: int,
-                       tokenizer: tuple[str | None, str | None] = (None, None)) -> str:
-    meta, weights = load_global_weights(src)
+                       tokenizer: tuple[str | None, str | None] = (None, None), merge: bool = False) -> str:
+    meta, weights = merged_global_weights(src) if merge else load_global_weights(src)
     where = f"{src} (step {meta.get('step')})"
     model = saved_model_config(meta, where)
     tok_type, tok_model = _run_tokenizer(meta, *tokenizer)  # checked before anything is written
@@ -78,6 +81,17 @@ def _run_tokenizer(meta: dict, tok_type: str | None, tok_model: str | None) -> t
         raise ConfigError(f"the run's tokenizer model {tok_model!r} ({tok_type}) is not found from here: pass "
                           f"--tokenizer-model PATH, or --tokenizer-type none to export the weights alone")
     return tok_type, tok_model
+
+
+def merged_megalite_dir(src: Path, dst: Path, dtype: str) -> str:
+    """A LoRA checkpoint merged into its base, as a weights-only megalite checkpoint (like an HF import)."""
+    meta, weights = merged_global_weights(src)
+    model = saved_model_config(meta, f"{src} (step {meta.get('step')})")
+    step_dir = save_global_weights(dst, int(meta["step"]), _cast(weights, dtype), Config(model=model),
+                                   {"merged_from": str(src)})
+    header = f"# megalite model section for the LoRA-merged weights of {src}\n"
+    (dst / MODEL_YAML).write_text(header + yaml.safe_dump(model_yaml_section(model), sort_keys=False))
+    return f"{len(weights)} tensors (LoRA merged) -> {step_dir.name}, {MODEL_YAML}"
 
 
 def write_atomically(output: Path, overwrite: bool, fill: Callable[[Path], str]) -> str:
@@ -110,17 +124,24 @@ def main() -> None:
     ap.add_argument("--tokenizer-type", default=None,
                     help="megalite -> hf: the tokenizer to export beside the weights (default: the run's; none: skip)")
     ap.add_argument("--tokenizer-model", default=None, help="megalite -> hf: its model file (default: the run's)")
+    ap.add_argument("--merge-lora", action="store_true",
+                    help="--input is a LoRA checkpoint: fold its adapters into its base before writing")
     args = ap.parse_args()
-    if args.src_fmt == args.dst_fmt:
+    if args.merge_lora and args.src_fmt != "megalite":
+        raise ConfigError("--merge-lora reads a megalite LoRA checkpoint: use --from megalite")
+    if args.src_fmt == args.dst_fmt and not args.merge_lora:
         raise ConfigError(f"--from and --to are both '{args.src_fmt}'; nothing to convert")
-    if args.src_fmt == "hf":
+    if args.merge_lora and args.dst_fmt == "megalite":
+        summary = write_atomically(args.output, args.overwrite, lambda d: merged_megalite_dir(args.input, d, args.dtype))
+    elif args.src_fmt == "hf":
         summary = write_atomically(args.output, args.overwrite,
                                    lambda d: hf_to_megalite_dir(args.input, d, args.dtype))
     else:
         shard_bytes = parse_size(args.max_shard_size)
         summary = write_atomically(args.output, args.overwrite,
                                    lambda d: megalite_to_hf_dir(args.input, d, args.dtype, shard_bytes,
-                                                                (args.tokenizer_type, args.tokenizer_model)))
+                                                                (args.tokenizer_type, args.tokenizer_model),
+                                                                args.merge_lora))
     print(f"converted {args.input} ({args.src_fmt}) -> {args.output} ({args.dst_fmt}): {summary}")
 
 

@@ -116,3 +116,14 @@ def nll_term(chosen_logps_sum: Tensor, chosen_lengths: Tensor) -> Tensor:
                           f"expected {tuple(chosen_logps_sum.shape)}")
     dtype = _compute_dtype(chosen_logps_sum)
     return -chosen_logps_sum.to(dtype) / chosen_lengths.to(dtype).clamp(min=1)
+
+
+def run(cfg) -> list[dict]:
+    """`megalite dpo` (the stage lives in dpo_stage.py)."""
+    from megalite.alignment.dpo_stage import DPOStage  # noqa: PLC0415 - the losses stay import-light
+    from megalite.training.trainer import run_stage  # noqa: PLC0415
+
+    if cfg.model.output_head != "lm":
+        raise ConfigError(f"megalite dpo trains a language model: model.output_head must be lm, "
+                          f"got '{cfg.model.output_head}'")
+    return run_stage(cfg, DPOStage(cfg.dpo))

@@ -207,8 +207,10 @@ def _commit(root: Path, tmp: Path, final: Path, meta: dict, retention: tuple[int
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, chunks, optimizer, ps: ParallelState, cfg: Config,
-                    extra: dict, tracker=None) -> Path:
-    """Saves this rank's shards; every rank must call it. Returns the step directory."""
+                    extra: dict, tracker=None, base: dict | None = None) -> Path:
+    """Saves this rank's shards; every rank must call it. Returns the step directory.
+    `base` (LoRA, see checkpoint/lora.py): store only the trainable parameters, and this pointer
+    to the checkpoint holding the frozen rest."""
     global _pending
     wait_for_pending_save()
     root = Path(ckpt_dir)
@@ -222,7 +224,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, chunks, optimizer, ps: Para
         except OSError as e:
             raise CheckpointSaveError(f"checkpoint of step {step} ({final}) was not saved: cannot create "
                                       f"{e.filename or tmp}: {e.strerror}") from None
-    payload, index = rank_payload(chunks, optimizer, ps)
+    payload, index = rank_payload(chunks, optimizer, ps, trainable_only=base is not None)
     payload["rng"] = rng_state(tracker)
     payload["extra"] = dict(extra)
     if not hasattr(optimizer, "pieces"):  # an optimizer without a reshardable layout
@@ -238,6 +240,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, chunks, optimizer, ps: Para
             "optimizer": {"steps": getattr(optimizer, "steps", None), "reshardable": hasattr(optimizer, "pieces")},
             "ranks": [{k: e[k] for k in ("file", "tp_rank", "pp_rank", "dp_rank")} for e in entries],
             "params": merge_index(entries), "config": cfg.to_dict()}
+    if base is not None:
+        meta["base"] = base
 
     def write() -> None:
         atomic_write(tmp / _rank_file(ps.rank), lambda p: _torch_save(payload, p))
@@ -334,10 +338,16 @@ def load_checkpoint(path: str | Path, chunks, optimizer, ps: ParallelState, cfg:
         raise ConfigError(f"no checkpoint found at {path}")
     meta = read_metadata(step_dir)
     _check_model(meta, cfg, step_dir)
+    if "base" in meta:  # LoRA: the parameters not stored here come from the base checkpoint
+        from megalite.checkpoint.lora import load_base_weights
+
+        load_base_weights(meta["base"], chunks, ps, cfg, set(meta["params"]), step_dir)
     reader = ShardReader(step_dir)
     for c in chunks:
         for name, p in c.named_parameters():
-            p.copy_(load_weight(reader, meta, load_key(name, p, ps, meta), p, ps).to(p.dtype))
+            key = load_key(name, p, ps, meta)
+            if "base" not in meta or key in meta["params"]:
+                p.copy_(load_weight(reader, meta, key, p, ps).to(p.dtype))
     same_layout = {k: v for k, v in meta["layout"].items() if k != "distributed_optimizer"} == {
         k: v for k, v in _layout(ps, optimizer).items() if k != "distributed_optimizer"}
     if hasattr(optimizer, "pieces"):

@@ -20,9 +20,11 @@ from megalite.parallel.state import ParallelState
 
 
 @torch.no_grad()
-def load_pretrained(path: str | Path, chunks, optimizer, ps: ParallelState) -> Path:
+def load_pretrained(path: str | Path, chunks, optimizer, ps: ParallelState, fresh: tuple[str, ...] = ()) -> Path:
     """Copies the checkpoint's weights into this rank's chunks (any saved TP/PP/DP layout) and
-    re-syncs the optimizer's master weights from them. Returns the step directory read."""
+    re-syncs the optimizer's master weights from them. Returns the step directory read.
+    `fresh`: stored names that may be absent from the checkpoint and then keep this model's init
+    (a reward model's `score` head started from an SFT checkpoint); nothing else may be missing."""
     step_dir = resolve_checkpoint(path)
     if step_dir is None:
         raise ConfigError(f"checkpoint.pretrained: no checkpoint at {path} (neither a step directory with "
@@ -34,6 +36,9 @@ def load_pretrained(path: str | Path, chunks, optimizer, ps: ParallelState) -> P
     for name, p in params:  # check everything first: a mismatch must not leave a half-loaded model
         key = load_key(name, p, ps, meta)
         entry = meta["params"].get(key)
+        if entry is None and key in fresh:
+            keys.append(None)
+            continue
         if entry is None:
             raise ConfigError(f"{where}: tensor '{key}' (shape {global_shape(p)} in this model) is missing "
                               f"from the pretrained checkpoint")
@@ -43,6 +48,8 @@ def load_pretrained(path: str | Path, chunks, optimizer, ps: ParallelState) -> P
         keys.append(key)
     reader = ShardReader(step_dir)
     for (_, p), key in zip(params, keys):
+        if key is None:
+            continue
         full = global_weight(reader, meta, key)
         if list(full.shape) != global_shape(p):  # the shard itself disagrees with its metadata
             raise ConfigError(f"{step_dir}: tensor '{key}' is stored with shape {list(full.shape)} but the "

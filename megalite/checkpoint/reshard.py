@@ -79,16 +79,18 @@ def local_for(full: torch.Tensor, p: torch.Tensor, ps: ParallelState) -> torch.T
 # Saving: this rank's payload and its index entry
 
 
-def rank_payload(chunks: list[nn.Module], optimizer: Any, ps: ParallelState) -> tuple[dict, dict]:
+def rank_payload(chunks: list[nn.Module], optimizer: Any, ps: ParallelState,
+                 trainable_only: bool = False) -> tuple[dict, dict]:
     """(tensors to write, their index). Tensors are cloned: a view would serialize its whole buffer,
-    and an async save must not see later updates."""
+    and an async save must not see later updates. `trainable_only`: frozen parameters are left out
+    (a LoRA checkpoint points to the base that holds them)."""
     model: dict[str, torch.Tensor] = {}
     optim: dict[str, list[dict]] = {}
     index: dict[str, dict] = {}
     for c in chunks:
         for name, p in c.named_parameters():
             key = storage_key(name, p, ps)
-            if key is None:
+            if key is None or (trainable_only and not p.requires_grad):
                 continue
             index[key] = {"shape": global_shape(p), "local_shape": list(p.shape), "dtype": str(p.dtype),
                           "tp_shard": shard_to_json(get_tp_shard(p)), "weight": ps.dp_rank == 0, "optim": []}

@@ -37,7 +37,13 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict, ModelConfig]:
 
 @torch.no_grad()
 def load_weights(model: LlamaModel, step_dir: Path, meta: dict, ps: ParallelState) -> None:
-    """Copies this rank's slice of every saved weight into `model` (shapes checked, one-line errors)."""
+    """Copies this rank's slice of every saved weight into `model` (shapes checked, one-line errors).
+    A LoRA checkpoint gives its base with the adapters merged in."""
+    if "base" in meta:
+        from megalite.checkpoint.lora import load_merged_weights
+
+        load_merged_weights(model, step_dir, meta, ps)
+        return
     reader = ShardReader(step_dir)
     for name, p in model.named_parameters():
         p.copy_(load_weight(reader, meta, load_key(name, p, ps, meta), p, ps).to(p.dtype))

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def compile_boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Marks a kernel's entry point for torch.compile (train.compile). On a GPU dynamo traces the
+    launch as a user-defined Triton kernel, so nothing changes. Under TRITON_INTERPRET it would try
+    to trace the interpreter's numpy loop and fail, so there the call stays eager behind a graph break."""
+    return torch.compiler.disable(fn) if interpreting() else fn
 
 
 def check_device(*tensors: torch.Tensor) -> None:

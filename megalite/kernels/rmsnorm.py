@@ -21,7 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from megalite.kernels._common import FLOAT_DTYPES, as_rows, check_device, check_float, num_programs, warps_for
+from megalite.kernels._common import (
+    FLOAT_DTYPES,
+    as_rows,
+    check_device,
+    check_float,
+    compile_boundary,
+    num_programs,
+    warps_for,
+)
 
 # Checked with `python -m megalite.kernels.compile_check` (ptxas, sm_90): the largest in-register
 # rows that compile without spilling, and the column block of the wide-row loops.
@@ -204,6 +212,7 @@ class _RMSNormFn(torch.autograd.Function):
         return dx.to(x_dtype), dw, dr, None, None
 
 
+@compile_boundary
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
              residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None):
     """RMSNorm over the last dim. With `residual`, returns (norm(x + residual), x + residual).

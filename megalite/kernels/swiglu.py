@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from megalite.kernels._common import as_rows, check_device, check_float
+from megalite.kernels._common import as_rows, check_device, check_float, compile_boundary
 
 _BLOCK = 1024
 
@@ -134,12 +134,14 @@ class _SwiGLULinearFn(torch.autograd.Function):
         return dg.view(ctx.shape), du.view(ctx.shape), dw, None
 
 
+@compile_boundary
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, elementwise; fp32 math, output in the input dtype."""
     _check(gate, up)
     return _SwiGLUFn.apply(gate, up)
 
 
+@compile_boundary
 def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
                   recompute: bool = True) -> torch.Tensor:
     """F.linear(swiglu(gate, up), weight) (the MLP's down projection, no bias).

@@ -117,7 +117,7 @@ class Attention(nn.Module):
         p = self.cfg.attention_dropout if self.training else 0.0
         if self.recompute_core:
             # Replays dropout from the same RNG (tracker streams included) when recomputed.
-            out = checkpoint(self._core, q, k, v, doc_ids, p, rng=self.rng)
+            out = checkpoint(self._core, q, k, v, doc_ids, p, rng=self.rng if p > 0 else None)
         else:
             out = self._core(q, k, v, doc_ids, p)
         return self.out(out.flatten(2))

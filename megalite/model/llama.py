@@ -20,7 +20,7 @@ from megalite.model.block import DecoderLayer, add_norm
 from megalite.model.kv_cache import KVCache
 from megalite.model.norm import RMSNorm
 from megalite.model.rope import inv_frequencies, rope_cos_sin
-from megalite.model.spec import loss_fn
+from megalite.model.spec import loss_fn, overlapped_vocab_parallel_loss
 from megalite.parallel.layers import VocabParallelEmbedding, padded_vocab_size
 from megalite.parallel.mappings import (
     copy_to_tp,
@@ -137,6 +137,10 @@ class LlamaModel(nn.Module):
         if self.scores:
             v = F.linear(x, self.score.to(x.dtype)).squeeze(-1)  # [s(/tp), b]
             return (gather_from_sequence_replicated(v, g) if self.ps.sp else v).t().float()
+        if labels is not None and self.cfg.loss_impl == "torch" and self.ps.tp > 1 and self.ps.tp_comm_overlap:
+            loss = overlapped_vocab_parallel_loss(x, self.head_weight(), labels.t(), vocab_start=self.vocab_start,
+                                                  vocab_size=self.cfg.vocab_size, ps=self.ps)
+            return loss.t()
         x = gather_from_sequence(x, g) if self.ps.sp else copy_to_tp(x, g)
         if labels is not None:
             loss = self.loss(x, self.head_weight(), labels.t(), vocab_start=self.vocab_start,

@@ -52,7 +52,16 @@ def _tracker_contexts(rng: RNGTracker | None) -> tuple[Any, Any]:
 
 
 def checkpoint(fn: Callable[..., Any], *args: Any, rng: RNGTracker | None = None) -> Any:
-    """Runs `fn(*args)` without keeping its activations; backward reruns it with the same RNG."""
+    """Runs `fn(*args)` without keeping its activations; backward reruns it with the same RNG.
+    Pass `rng` only when the region draws from the tracker's streams: without it the checkpoint
+    has no custom context, so torch.compile can trace it (train.compile with selective recompute)."""
+    if rng is None:
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
+    return _checkpoint_with_tracker(fn, *args, rng=rng)
+
+
+@torch.compiler.disable  # dynamo cannot trace a custom context_fn: under compile, this region runs eagerly
+def _checkpoint_with_tracker(fn: Callable[..., Any], *args: Any, rng: RNGTracker) -> Any:
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True,
                                              context_fn=lambda: _tracker_contexts(rng))
 

@@ -72,8 +72,20 @@ def torch_vocab_parallel_loss(x: torch.Tensor, weight: torch.Tensor, labels: tor
     """x [s, b, h] (full sequence), weight [V_local, h], labels [s, b] -> per-token loss [s, b]."""
     from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
 
-    logits = F.linear(x, weight)
-    return vocab_parallel_cross_entropy(logits, labels, vocab_start, vocab_size, group)
+    logits = F.linear(x, weight)  # made for the loss alone: the CE may overwrite it
+    return vocab_parallel_cross_entropy(logits, labels, vocab_start, vocab_size, group, inplace=True)
+
+
+def overlapped_vocab_parallel_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                                   vocab_start: int, vocab_size: int, ps: ParallelState) -> torch.Tensor:
+    """The torch loss with the head as an overlapped column-parallel matmul (parallel/async_linear.py):
+    x is the final norm's output before the TP input mapping ([s/tp, b, h] under SP), which the
+    matmul does itself; its backward reduces the input grad while the head's weight grad runs."""
+    from megalite.parallel.async_linear import column_parallel_linear
+    from megalite.parallel.cross_entropy import vocab_parallel_cross_entropy
+
+    logits = column_parallel_linear(x, weight, None, ps.tp_group, ps.sp)
+    return vocab_parallel_cross_entropy(logits, labels, vocab_start, vocab_size, ps.tp_group, inplace=True)
 
 
 def triton_vocab_parallel_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,

@@ -4,6 +4,12 @@ Per token, each rank contributes its shard's max, sum of exponentials and (if it
 the label's logit; two all-reduces combine them. Columns past the true vocabulary (the padding
 that makes the vocab divisible by tp*128) are set to -inf first: leaving them in the softmax is
 the wrong-loss bug Megatron users hit when vocab % tp != 0.
+
+The softmax is computed in a [tokens, V_local] fp32 buffer that backward turns into the gradient.
+With `inplace=True` (the head's logits, made only for this loss) and fp32 logits, that buffer is
+the logits tensor itself: no copy of the largest activation per micro-batch. Autograd is told
+(mark_dirty), so any other holder of the logits fails its version check instead of reading
+softmax values. Otherwise (or for bf16 logits, which need an fp32 copy anyway) a new buffer.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ IGNORE_INDEX = -100
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, vocab_start, vocab_size, group, ignore_index):
+    def forward(ctx, logits, target, vocab_start, vocab_size, group, ignore_index, inplace):
         n_local = logits.shape[-1]
         x = logits.float().reshape(-1, n_local)
-        x = x.clone() if x.data_ptr() == logits.data_ptr() else x
+        reuse = x.data_ptr() == logits.data_ptr() and logits.is_contiguous()  # x is a view of logits
+        if reuse and not inplace:
+            x, reuse = x.clone(), False
         t = target.reshape(-1)
         valid_cols = max(0, min(n_local, vocab_size - vocab_start))
         if valid_cols < n_local:
@@ -39,21 +47,30 @@ class _VocabParallelCE(torch.autograd.Function):
         keep = t != ignore_index
         loss = (sumexp.log() - label_logit) * keep
         x.div_(sumexp.unsqueeze(1))  # x now holds the softmax, reused by backward
-        ctx.save_for_backward(x, owned, local_t, keep)
         ctx.shape, ctx.dtype = logits.shape, logits.dtype
-        return loss.view(target.shape)
+        if not reuse:
+            ctx.save_for_backward(x, owned, local_t, keep)
+            return loss.view(target.shape), None
+        # Saved as the (dirty) output itself: autograd forbids saving x, a view of it made here.
+        ctx.save_for_backward(logits, owned, local_t, keep)
+        ctx.mark_dirty(logits)
+        ctx.set_materialize_grads(False)  # no zeros [tokens, V] for the unused second output
+        return loss.view(target.shape), logits
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_logits=None):
         softmax, owned, local_t, keep = ctx.saved_tensors
-        grad = softmax  # in place: the softmax is not needed after this
+        grad = softmax.view(-1, ctx.shape[-1])  # in place: the softmax is not needed after this
         rows = torch.arange(grad.shape[0], device=grad.device)
         grad[rows, local_t] -= owned.to(grad.dtype)
         grad.mul_((grad_loss.reshape(-1) * keep).unsqueeze(1))
-        return grad.view(ctx.shape).to(ctx.dtype), None, None, None, None, None
+        return grad.view(ctx.shape).to(ctx.dtype), None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_start: int,
-                                 vocab_size: int, group=None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Per-token losses (0 where target == ignore_index) for logits [..., V_local]."""
-    return _VocabParallelCE.apply(logits, target, vocab_start, vocab_size, group, ignore_index)
+                                 vocab_size: int, group=None, ignore_index: int = IGNORE_INDEX,
+                                 inplace: bool = False) -> torch.Tensor:
+    """Per-token losses (0 where target == ignore_index) for logits [..., V_local]. With `inplace`,
+    fp32 logits are overwritten (softmax, then their gradient): pass it only when nothing else
+    reads them."""
+    return _VocabParallelCE.apply(logits, target, vocab_start, vocab_size, group, ignore_index, inplace)[0]

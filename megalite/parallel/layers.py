@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megalite.parallel.async_linear import column_parallel_linear
 from megalite.parallel.mappings import (
     copy_to_tp,
     gather_from_sequence,
@@ -31,6 +32,9 @@ class ColumnParallelLinear(nn.Module):
     """y = x A^T with A split by output rows. `out_blocks` lists fused outputs (e.g. gate, up),
     each split separately so that rank r holds its slice of every block. Blocks flagged in
     `replicated` are held whole by every rank; their grads are partial and summed over TP."""
+
+    # The local matmul, F.linear(x, weight, bias); FP8 backends replace it per instance.
+    linear_fn = F.linear
 
     def __init__(self, in_features: int, out_blocks: int | tuple[int, ...], ps: ParallelState, *,
                  bias: bool = False, gather_output: bool = False, init: str = "normal",
@@ -57,8 +61,12 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.ps.tp_group
-        x = gather_from_sequence(x, g) if self.ps.sp else copy_to_tp(x, g)
-        y = F.linear(x, self.weight, self.bias)
+        # The overlapped path does its own matmul; an FP8 matmul (linear_fn) takes the blocking one.
+        if self.ps.tp > 1 and self.ps.tp_comm_overlap and self.linear_fn is F.linear:
+            y = column_parallel_linear(x, self.weight, self.bias, g, self.ps.sp)  # backward overlaps (async_linear.py)
+        else:
+            x = gather_from_sequence(x, g) if self.ps.sp else copy_to_tp(x, g)
+            y = self.linear_fn(x, self.weight, self.bias)
         return gather_from_tp(y, g) if self.gather_output else y
 
 
@@ -66,6 +74,8 @@ class RowParallelLinear(nn.Module):
     """y = x A^T with A split by input columns; the input is this rank's slice of those columns
     (a column-parallel layer's output) and the partial sums are reduced over TP
     (reduce-scattered along the sequence under SP)."""
+
+    linear_fn = F.linear  # as in ColumnParallelLinear
 
     def __init__(self, in_features: int, out_features: int, ps: ParallelState, *, bias: bool = False,
                  init: str = "scaled", device=None, dtype=None) -> None:
@@ -80,7 +90,7 @@ class RowParallelLinear(nn.Module):
             self.bias = tag_param(_empty(out_features, device=device, dtype=dtype), "zeros", sync_tp_grad=ps.sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reduce_output(F.linear(x, self.weight))
+        return self.reduce_output(self.linear_fn(x, self.weight))
 
     def reduce_output(self, y: torch.Tensor) -> torch.Tensor:
         """Sums this rank's partial product over TP (reduce-scatter under SP), then adds the bias.

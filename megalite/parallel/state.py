@@ -27,6 +27,7 @@ class ParallelState:
     cp: int = 1
     vpp: int = 1
     sp: bool = False
+    tp_comm_overlap: bool = True  # ParallelConfig.tp_comm_overlap (read by the TP layers each call)
     tp_rank: int = 0
     pp_rank: int = 0
     dp_rank: int = 0
@@ -144,7 +145,8 @@ def build_parallel_state(par: ParallelConfig, device: torch.device | None = None
     tp, pp, cp = par.tp, par.pp, par.cp
     dp = data_parallel_size(par, world)
     ps = ParallelState(world_size=world, rank=rank, local_rank=local, tp=tp, pp=pp, dp=dp, cp=cp,
-                       vpp=par.vpp, sp=par.sp and tp > 1, device=device)
+                       vpp=par.vpp, sp=par.sp and tp > 1, tp_comm_overlap=par.tp_comm_overlap,
+                       device=device)
     ps.tp_rank = rank % tp
     ps.dp_rank = (rank // (tp * cp)) % dp
     ps.pp_rank = rank // (tp * cp * dp)

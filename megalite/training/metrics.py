@@ -53,8 +53,10 @@ def _fmt_rate(x: float) -> str:
 class MetricsLogger:
     """Rank 0 writes metrics.jsonl and the console; other ranks only compute."""
 
-    def __init__(self, run_dir: str, total_steps: int, enabled: bool, progress_bar: bool = True) -> None:
+    def __init__(self, run_dir: str, total_steps: int, enabled: bool, progress_bar: bool = True,
+                 sinks: list | None = None) -> None:
         self.enabled, self.total, self.bar = enabled, total_steps, progress_bar
+        self.sinks = sinks or []  # TensorBoard / W&B (loggers.py): the same rows as metrics.jsonl
         self.path = Path(run_dir) / "metrics.jsonl"
         self.start_time, self.start_step = time.time(), None
         self.file = None  # opened at the first row: a resume first drops the rows it will redo
@@ -74,6 +76,11 @@ class MetricsLogger:
                 self.file = open(self.path, "a", buffering=1)
             self.file.write(json.dumps(clean, allow_nan=False) + "\n")
             self.file.flush()
+            if self.sinks:
+                from megalite.training.loggers import scalars_of
+
+                for sink in self.sinks:
+                    sink.log(int(record["step"]), scalars_of(clean))
         except OSError as e:
             self.failed = f"cannot write {self.path}: {e.strerror or e}"
 
@@ -98,11 +105,20 @@ class MetricsLogger:
         line = (f"step {step}/{self.total} {bar}{100 * frac:3.0f}% | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
                 f"gnorm {r['grad_norm']:.3f} | {_fmt_rate(self.smoothed_rate(r['tokens_per_sec']))} tok/s | mfu {mfu} | "
                 f"ETA {_fmt_duration(eta)}")
-        if "eval_loss" in r:
-            line += f" | eval {r['eval_loss']:.4f} (ppl {r['eval_ppl']:.1f})"
+        if "eval_loss" in r:  # (a stage whose loss is no token CE has no perplexity)
+            line += f" | eval {r['eval_loss']:.4f}" + (f" (ppl {r['eval_ppl']:.1f})" if "eval_ppl" in r else "")
+        for k in ("reward_accuracy", "eval_reward_accuracy"):
+            if k in r:
+                line += f" | {k.replace('reward_', '')} {r[k]:.3f}"
         print(line, file=sys.stdout, flush=True)
 
     def close(self) -> None:
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            try:
+                sink.close()
+            except OSError as e:
+                self.failed = self.failed or f"cannot close a metrics sink: {e.strerror or e}"
         if self.file is not None and not self.file.closed:
             try:
                 self.file.flush()

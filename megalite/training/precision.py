@@ -1,8 +1,9 @@
 """Mixed precision: fp32 master weights and grads always; the forward runs in the chosen dtype.
 
 bf16 and fp16 use autocast over fp32 parameters, so optimizer state and gradient accumulation stay
-fp32. fp16 adds dynamic loss scaling. fp8 goes through Transformer Engine and never silently
-downgrades: without TE or an FP8-capable GPU the run stops with one line.
+fp32. fp16 adds dynamic loss scaling. fp8 goes through Transformer Engine (fp8_backend=te) or torchao's
+float8 matmuls (fp8_backend=torchao) and never silently downgrades: without the backend or an
+FP8-capable GPU the run stops with one line.
 """
 
 from __future__ import annotations
@@ -26,27 +27,54 @@ def resolve_precision(train: TrainConfig, device: torch.device, model: ModelConf
     if p == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs a CUDA GPU; use fp32 or bf16 on CPU")
     if p == "fp8":
-        from megalite.kernels.te import FP8Unavailable, check_fp8
-
-        if model is not None and "te" not in (model.linear_impl, model.mlp_impl):
-            raise ConfigError("train.precision=fp8 needs model.linear_impl=te and/or model.mlp_impl=te "
-                              "(FP8 runs only inside Transformer Engine modules)")
-
-        try:
-            check_fp8(train.fp8_recipe, device)
-        except FP8Unavailable as e:
-            raise ConfigError(str(e)) from None
+        check_fp8_backend(train, device, model)
     return p
 
 
-def make_autocast(precision: str, device: torch.device, fp8_recipe: str = "delayed", amax_group=None):
+FP8_BACKENDS = ("te", "torchao")
+
+
+def check_fp8_backend(train: TrainConfig, device: torch.device, model: ModelConfig | None = None) -> None:
+    """`precision=fp8` under the chosen backend can run here, or one line (ConfigError) says why.
+    te: Transformer Engine modules (model.*_impl=te); torchao: float8 matmuls inside megalite's
+    own TP linears (model.linear_impl=torch). Never a silent downgrade to BF16."""
+    from megalite.kernels import te, torchao_fp8
+    from megalite.kernels.te import FP8Unavailable
+
+    backend, recipe = train.fp8_backend, train.fp8_recipe
+    if backend not in FP8_BACKENDS:
+        raise ConfigError(f"unknown train.fp8_backend '{backend}' (expected one of: {', '.join(FP8_BACKENDS)})")
+    try:
+        if backend == "torchao":
+            if model is not None and "te" in (model.linear_impl, model.mlp_impl, model.norm_impl):
+                raise ConfigError("train.fp8_backend=torchao runs FP8 inside megalite's own linears; set "
+                                  "model.linear_impl=torch, model.mlp_impl=torch|triton and model.norm_impl=torch|triton")
+            torchao_fp8.check_fp8(recipe, device)
+            return
+        if recipe in torchao_fp8.RECIPES:
+            raise ConfigError(f"train.fp8_recipe={recipe} is a torchao recipe; set train.fp8_backend=torchao, "
+                              f"or choose one of {', '.join(te.RECIPES)} for Transformer Engine")
+        if model is not None and "te" not in (model.linear_impl, model.mlp_impl):
+            raise ConfigError("train.precision=fp8 needs model.linear_impl=te and/or model.mlp_impl=te "
+                              "(FP8 runs only inside Transformer Engine modules)")
+        if not te.te_available() and torchao_fp8.torchao_available():
+            raise ConfigError("train.precision=fp8: Transformer Engine is not installed (fp8_backend=te, the default) "
+                              "but torchao is; set train.fp8_backend=torchao train.fp8_recipe=tensorwise|rowwise")
+        te.check_fp8(recipe, device)
+    except FP8Unavailable as e:
+        raise ConfigError(str(e)) from None
+
+
+def make_autocast(precision: str, device: torch.device, fp8_recipe: str = "delayed", amax_group=None,
+                  fp8_backend: str = "te"):
     """A zero-argument factory of the context every forward runs under (built once: the FP8 recipe
     is created a single time and reused). `amax_group` is the TP x DP group of this pipeline stage,
-    over which delayed scaling reduces amax histories."""
+    over which delayed scaling reduces amax histories. torchao's float8 needs no context: its
+    matmuls are swapped into the model (build_model), around BF16 autocast."""
     if precision == "fp32":
         return contextlib.nullcontext
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    if precision != "fp8":
+    if precision != "fp8" or fp8_backend == "torchao":
         return lambda: torch.autocast(device.type, dtype=dtype)
     from megalite.kernels.te import fp8_autocast_factory
 

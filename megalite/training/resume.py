@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megalite.checkpoint.dist import METADATA, load_checkpoint, resolve_checkpoint
+from megalite.checkpoint.lora import load_pretrained_base
 from megalite.checkpoint.pretrained import load_pretrained
 from megalite.config import ConfigError
 
@@ -50,8 +51,13 @@ def resume_or_initialize(trainer) -> tuple[dict | None, str]:
         except ConfigError as e:
             raise _with_siblings(e, source) from None
         return meta, f"resumed from {resolve_checkpoint(source)} at step {meta['step']}"
+    if ck.pretrained and trainer.cfg.lora.rank:  # LoRA: the frozen base only; the adapters keep their init
+        trainer.lora_base = load_pretrained_base(ck.pretrained, trainer.chunks, trainer.ps, trainer.cfg)
+        return None, (f"initialized the LoRA base from {trainer.lora_base['path']} (adapters fresh, step 0; "
+                      f"{own} has no checkpoint yet)")
     if ck.pretrained:
-        step_dir = load_pretrained(ck.pretrained, trainer.chunks, trainer.optimizer, trainer.ps)
+        step_dir = load_pretrained(ck.pretrained, trainer.chunks, trainer.optimizer, trainer.ps,
+                                   fresh=trainer.stage.pretrained_fresh)
         return None, (f"initialized from pretrained weights {step_dir} (weights only: fresh optimizer, step 0; "
                       f"{own} has no checkpoint yet)")
     where = f"no checkpoint in {own}" if ck.load == "auto" else "checkpoint.load is empty"

@@ -31,6 +31,8 @@ class Stage(TokenLoss):
 
     name = "stage"
     perplexity = True  # the loss is a token cross-entropy: log exp(eval_loss) as eval_ppl
+    evaluates_checkpoint = False  # train.train_steps=0 evaluates the loaded weights (megalite rm)
+    pretrained_fresh: tuple[str, ...] = ()  # heads checkpoint.pretrained may lack (they keep their init)
 
     def build_datasets(self, trainer: Trainer) -> tuple[Any, Any | None]:
         raise NotImplementedError
@@ -43,6 +45,9 @@ class Stage(TokenLoss):
 
     def reduce_metrics(self, sums: dict[str, float], num_units: float) -> dict[str, float]:
         return {}
+
+    def on_save(self, trainer: Trainer) -> None:
+        """Called after every checkpoint save, for state the stage owns beside the trainer's."""
 
     def describe(self, trainer: Trainer) -> str:
         """Extra words for the start banner (e.g. packing efficiency)."""

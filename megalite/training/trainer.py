@@ -23,6 +23,7 @@ from megalite.checkpoint.dist import save_checkpoint, wait_for_pending_save
 from megalite.config import Config, ConfigError
 from megalite.data.tokenizer import build_tokenizer
 from megalite.model.flops import flops_per_token, param_count
+from megalite.model.lora import check_lora_config, lora_param_count
 from megalite.model.spec import check_impls
 from megalite.parallel.comm import all_reduce, broadcast, group_size
 from megalite.parallel.finalize import finalize_grads
@@ -37,6 +38,7 @@ from megalite.parallel.state import (
 from megalite.training.build import build_model, check_step_schedule
 from megalite.training.forward_backward import get_forward_backward
 from megalite.training.guards import DivergenceGuard, check_train_split
+from megalite.training.loggers import build_sinks, check_logging
 from megalite.training.lr_schedule import lr_at
 from megalite.training.metrics import MetricsLogger, peak_flops
 from megalite.training.optimizer import build_optimizer
@@ -59,17 +61,22 @@ class Trainer:
         self.cfg = cfg
         self.stage = stage if stage is not None else PretrainStage()
         t, m = cfg.train, cfg.model
+        if t.train_steps == 0 and not self.stage.evaluates_checkpoint:
+            raise ConfigError(f"train.train_steps must be > 0 for megalite {self.stage.name} (0 only evaluates a "
+                              f"checkpoint, with megalite rm)")
         # Validate everything cheap before any process group or data work: bad input fails fast.
         self.device = resolve_device(t.device)
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         self.dp = check_layout(m, cfg.parallel, t, world)
         self.num_micro = check_step_schedule(cfg, self.dp)  # micro-batches per step on each DP rank
-        if t.precision == "fp8" and m.linear_impl == m.mlp_impl == "torch":
+        if t.precision == "fp8" and t.fp8_backend == "te" and m.linear_impl == m.mlp_impl == "torch":
             # FP8 runs only inside Transformer Engine modules: fp8 selects them in the layer spec.
             m.linear_impl = m.mlp_impl = "te"
         self.precision = resolve_precision(t, self.device, m)
         check_impls(m, self.device)
+        check_lora_config(cfg.lora, m, cfg.checkpoint.pretrained)
         lr_at(0, t.train_steps, cfg.optim)  # rejects an unknown decay now, not at step 1
+        check_logging(cfg)  # a requested TensorBoard / W&B that is not installed: one line, before any work
         self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
         if m.vocab_size == 0:
             m.vocab_size = self.tokenizer.vocab_size
@@ -79,7 +86,7 @@ class Trainer:
         init_distributed(self.device)
         self.ps: ParallelState = build_parallel_state(cfg.parallel, self.device)
         self.run_lock = lock_run_dir(t.run_dir, self.ps.rank, self.ps.world_size, self.device)  # one run per dir
-        self.autocast = make_autocast(self.precision, self.device, t.fp8_recipe, self.ps.tp_dp_group)
+        self.autocast = make_autocast(self.precision, self.device, t.fp8_recipe, self.ps.tp_dp_group, t.fp8_backend)
         self.rng = seed_everything(t.seed, self.ps.tp_rank, self.ps.pp_rank, self.device)
         self.train_ds, self.valid_ds = datasets if datasets is not None else self.stage.build_datasets(self)
         check_train_split(self.train_ds, cfg)
@@ -90,15 +97,22 @@ class Trainer:
         # What the scaler unscales and checks (nothing when it is off); parameters are never replaced.
         self.scaled_params = [p for c in self.chunks for p in c.parameters()] if self.scaler.enabled else []
         self.state = TrainState()
-        self.divergence = DivergenceGuard(self.precision, self.cfg.checkpoint.dir or Path(t.run_dir) / "checkpoints")
         self.ckpt_dir = Path(cfg.checkpoint.dir or Path(t.run_dir) / "checkpoints")
+        self.divergence = DivergenceGuard(self.precision, self.ckpt_dir)
         self.flops_per_token = flops_per_token(m, t.seq_len)
         self.peak = peak_flops(self.device, "fp8" if self.precision == "fp8" else self.precision)
         self.is_logger = self.ps.rank == 0
-        self.metrics = MetricsLogger(t.run_dir, t.train_steps, self.is_logger, t.progress_bar)
+        self.metrics = MetricsLogger(t.run_dir, t.train_steps, self.is_logger, t.progress_bar,
+                                     sinks=build_sinks(cfg, self.is_logger, self.stage.name))
+        self.lora_base: dict | None = None  # LoRA: the frozen base's checkpoint, recorded in ours
         self._maybe_resume()
         if self.is_logger:
-            print(f"megalite {self.stage.name} | {self.ps.describe()} | params {param_count(m) / 1e6:.1f}M | "
+            total = param_count(m)
+            lora = lora_param_count(m, cfg.lora) if cfg.lora.rank else 0  # the only trainable ones
+            trainable = f", trainable (LoRA) {lora:,} ({100 * lora / total:.2f}%)" if lora else ""
+            print(f"megalite {self.stage.name} | {self.ps.describe()} | params {total / 1e6:.1f}M{trainable} | "
+                  f"optimizer state/rank "
+                  f"{self.optimizer.memory_report()['measured_optimizer'] / 2**20:.2f} MiB | "
                   f"precision {self.precision} | micro-batches/step {self.num_micro} | "
                   f"start step {self.state.step}{self.stage.describe(self)}", flush=True)
 
@@ -174,6 +188,7 @@ class Trainer:
         meta, where = resume_or_initialize(self)  # own latest > checkpoint.load > pretrained > scratch
         if meta is not None:
             self.state = TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"])
+            self.lora_base = meta.get("base")
             if self.scaler.enabled and self.scaler.dynamic and "loss_scaler" in meta:
                 self.scaler.load_state_dict(meta["loss_scaler"])  # a static loss_scale keeps the configured value
         if self.is_logger:
@@ -184,8 +199,10 @@ class Trainer:
         extra = {"consumed_samples": self.state.consumed_samples}
         if self.scaler.enabled:  # the same on every rank (overflows are reduced over all of them)
             extra["loss_scaler"] = self.scaler.state_dict()
-        return save_checkpoint(self.ckpt_dir, self.state.step, self.chunks, self.optimizer, self.ps,
-                               self.cfg, extra, self.rng)
+        path = save_checkpoint(self.ckpt_dir, self.state.step, self.chunks, self.optimizer, self.ps,
+                               self.cfg, extra, self.rng, base=self.lora_base)
+        self.stage.on_save(self)  # state the stage owns (PPO's critic), saved at the same step
+        return path
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self) -> list[dict]:

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from megalite.config import ConfigError, ParallelConfig
-from megalite.parallel.pipeline.p2p import PipelineComm, activation_shape
+from megalite.parallel.pipeline.p2p import PipelineComm, activation_shape, backward_from
 from megalite.parallel.pipeline.stages import check_schedule, resolve_schedule
 from megalite.parallel.pipeline.step import ForwardStep, TokenLoss, add_sums, new_sums
 from megalite.parallel.state import ParallelState
@@ -60,7 +60,7 @@ class _Steps:
             param = next(chunks[0].parameters())
             hidden = chunks[0].cfg.hidden_size  # type: ignore[union-attr]
             comm = PipelineComm(ps, activation_shape(first.shape[1], first.shape[0], hidden, ps),
-                                param.dtype, param.device)
+                                param.dtype, param.device, overlap_sends=True)
         self.comm = comm
 
     def forward(self, chunk_id: int, mb_id: int, input_tensor: torch.Tensor | None) -> torch.Tensor:
@@ -82,7 +82,7 @@ class _Steps:
             if output_grad is None:  # the loss, on the last stage
                 output.backward()
             else:
-                torch.autograd.backward(output, grad_tensors=output_grad)
+                backward_from(output, output_grad)  # the output may be deallocated (p2p.py)
         return None if input_tensor is None else input_tensor.grad
 
 
@@ -105,6 +105,7 @@ def forward_backward_afab(chunks: list[nn.Module], micro_batches: list[MicroBatc
     for inp, out in saved:  # first in, first out: the order in which the last stage finished them
         grad = comm.recv_backward()
         comm.send_backward(steps.backward(inp, out, grad))
+    comm.flush()  # sends still in flight (p2p.py)
     return steps.sums
 
 
@@ -154,6 +155,7 @@ def forward_backward_1f1b(chunks: list[nn.Module], micro_batches: list[MicroBatc
         for _ in range(warmup):
             grad = comm.recv_backward()
             comm.send_backward(steps.backward(inputs.pop(0), outputs.pop(0), grad))
+    comm.flush()  # sends still in flight (p2p.py)
     return steps.sums
 
 
@@ -272,6 +274,7 @@ def forward_backward_interleaved(chunks: list[nn.Module], micro_batches: list[Mi
             _, grad = comm.exchange(send_prev=input_grad, recv_next=recv_next)
             if recv_next:
                 grads[next_bc].append(grad)
+    comm.flush()  # sends still in flight (p2p.py)
     return steps.sums
 
 
