@@ -21,13 +21,17 @@ $(STAMP): $(PY) $(SRCS)
 	    $(PY) -m pip install -q torch==2.13.0; \
 	  fi; }
 	$(PY) -m pip install -q pybind11 setuptools wheel
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo]"
 	@touch $(STAMP)
 
 install: $(STAMP)
 
+# The whole pipeline (docs/demo.md); finished stages are reused, FRESH=1 redoes them all,
+# DEMO_SIZE=smoke runs the CI size. The demo extra (matplotlib, for the report's plots) is
+# installed on first use.
 demo: $(STAMP)
-	$(VENV)/bin/python -m megalite.demo
+	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q --no-build-isolation -e ".[demo]"
+	FRESH=$(FRESH) DEMO_SIZE=$(DEMO_SIZE) $(PY) -m megalite.demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -36,6 +36,7 @@ setup(
         "logging": ["tensorboard==2.21.0", "wandb==0.31.0"],
         "triton": ["triton>=3.0"],
         "fp8-torchao": ["torchao==0.18.0"],  # train.fp8_backend=torchao
+        "demo": ["matplotlib==3.11.2"],  # the plots in runs/demo/REPORT.md
     },
     entry_points={"console_scripts": ["megalite=megalite.cli:main"]},
 )

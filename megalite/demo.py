@@ -1,35 +1,47 @@
-"""`make demo`: pretrain the tiny Llama on the embedded corpus (the Python standard library).
+"""`make demo` (`python -m megalite.demo`): the whole pipeline on the embedded corpus.
 
-The first run builds the token shards into .cache/megalite; the run itself takes about a minute
-on 2 CPU cores and prints the falling loss. Extra `key=value` arguments override the config, e.g.
-`python -m megalite.demo train.train_steps=50`.
+Raw stdlib text -> cleaned JSONL -> SentencePiece tokenizer -> shards -> pretraining -> SFT ->
+reward model and DPO -> GRPO with a verifiable reward -> samples before and after alignment, and
+runs/demo/REPORT.md with each stage's numbers and plots. Each stage runs the real command (shown
+as it runs) and is reused on a rerun when its inputs are unchanged; `--fresh` (make demo FRESH=1)
+redoes everything. `--smoke` (or DEMO_SIZE=smoke) is the same pipeline at CI size.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
+import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
-from megalite.cli import main as cli_main
+from megalite.pipeline.report import write_report
+from megalite.pipeline.runner import run_stages
+from megalite.pipeline.stages import SIZES, build
 
-CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "tiny.yaml"
-RUN_DIR = Path("runs/demo")
 
-
-def main(argv: list[str]) -> int:
-    shutil.rmtree(RUN_DIR, ignore_errors=True)  # a fresh run each time, not a resume of the last one
-    rc = cli_main(["pretrain", "--config", str(CONFIG), f"train.run_dir={RUN_DIR}", *argv])
-    if rc != 0:
-        return rc
-    rows = [json.loads(line) for line in (RUN_DIR / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "eval_loss" in r]
-    print(f"\ndemo: loss {rows[0]['loss']:.3f} at step {rows[0]['step']} -> {rows[-1]['loss']:.3f} at step "
-          f"{rows[-1]['step']}" + (f"; held-out perplexity {evals[-1]['eval_ppl']:.2f}" if evals else ""))
-    print(f"demo: metrics in {RUN_DIR / 'metrics.jsonl'}, checkpoint in {RUN_DIR / 'checkpoints'}")
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m megalite.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="the CI size (also DEMO_SIZE=smoke)")
+    p.add_argument("--fresh", action="store_true", help="redo every stage (also FRESH=1)")
+    p.add_argument("--out", default=None, help="output directory (default runs/demo, runs/demo-smoke)")
+    args = p.parse_args(argv)
+    env_size = os.environ.get("DEMO_SIZE", "")  # make passes it empty when unset
+    if env_size and env_size not in SIZES:
+        print(f"error: DEMO_SIZE={env_size}: expected one of {', '.join(SIZES)}", file=sys.stderr)
+        return 2
+    size = "smoke" if args.smoke or env_size == "smoke" else "full"
+    fresh = args.fresh or os.environ.get("FRESH", "") not in ("", "0")
+    out = Path(args.out or ("runs/demo" if size == "full" else "runs/demo-smoke")).resolve()
+    t0 = time.time()
+    results = run_stages(build(out, size), out, fresh)
+    report = write_report(out, results, size, time.time() - t0)
+    print(f"\n=== megalite demo ({size}) in {time.time() - t0:.0f}s")
+    for r in results:
+        print(f"  {r.name:<10} {r.status:<8} {r.line}")
+    print(f"report: {report}")
+    return 1 if any(r.status == "failed" for r in results) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
