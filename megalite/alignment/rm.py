@@ -23,8 +23,7 @@ from megalite.alignment.reward import bradley_terry_loss, pairwise_accuracy
 from megalite.checkpoint.dist import resolve_checkpoint
 from megalite.config import Config, ConfigError
 from megalite.data.sft import IGNORE_INDEX, build_preference_datasets, preference_micro_batch
-from megalite.training.batch import batch_to_device
-from megalite.training.stage import Stage
+from megalite.training.stage import Stage, sampled_batches
 from megalite.training.trainer import Trainer, run_stage
 
 PAIR_METRICS = ("reward_accuracy", "chosen_reward", "rejected_reward", "margin")
@@ -54,10 +53,7 @@ class PreferenceStage(Stage):
                                          log=print if trainer.ps.rank == 0 else None)
 
     def batches(self, trainer: Trainer, dataset: Any, consumed: int) -> list[dict]:
-        t, ps = trainer.cfg.train, trainer.ps
-        return [batch_to_device(preference_micro_batch(dataset, consumed, i, t.micro_batch_size, ps.dp_rank, ps.dp),
-                                trainer.device)
-                for i in range(trainer.num_micro)]
+        return sampled_batches(trainer, dataset, consumed, preference_micro_batch)
 
     def loss_units(self, mb: dict) -> float:
         return float(len(mb["pair_ids"]))

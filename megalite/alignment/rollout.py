@@ -25,6 +25,7 @@ import os
 import sys
 import time
 import warnings
+from abc import abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -382,8 +383,9 @@ class RLStage(Stage):
     def extra_passes(self, trainer, mbs: list[dict]) -> None:
         """More no-grad passes after the log-probs (PPO's values)."""
 
+    @abstractmethod
     def advantages(self, trainer, mbs: list[dict], scores: torch.Tensor, lengths: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Writes each micro-batch's advantages (GRPO: group-normalized; PPO: GAE)."""
 
     def update_critic(self, trainer, mbs: list[dict]) -> None:
         """PPO trains its critic here, on the rollout just scored."""

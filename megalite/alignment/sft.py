@@ -13,8 +13,7 @@ from typing import Any
 
 from megalite.config import Config
 from megalite.data.sft import build_sft_datasets, sft_micro_batch
-from megalite.training.batch import batch_to_device
-from megalite.training.stage import Stage
+from megalite.training.stage import Stage, sampled_batches
 from megalite.training.trainer import Trainer, run_stage
 
 
@@ -27,10 +26,7 @@ class SFTStage(Stage):
                                   log=print if trainer.ps.rank == 0 else None)
 
     def batches(self, trainer: Trainer, dataset: Any, consumed: int) -> list[dict]:
-        t, ps = trainer.cfg.train, trainer.ps
-        return [batch_to_device(sft_micro_batch(dataset, consumed, i, t.micro_batch_size, ps.dp_rank, ps.dp),
-                                trainer.device)
-                for i in range(trainer.num_micro)]
+        return sampled_batches(trainer, dataset, consumed, sft_micro_batch)
 
     def describe(self, trainer: Trainer) -> str:
         return f" | packing efficiency {trainer.train_ds.packing_efficiency:.1%}"

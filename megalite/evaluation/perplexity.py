@@ -36,19 +36,17 @@ from megalite.evaluation.texts import scored_windows
 from megalite.generation.loading import SPEC_FIELDS, load_weights, read_checkpoint
 from megalite.parallel.comm import all_reduce, broadcast
 from megalite.parallel.cross_entropy import IGNORE_INDEX
+from megalite.parallel.pipeline.step import TokenLoss
 from megalite.parallel.rng import seed_everything
 from megalite.parallel.state import build_parallel_state, check_layout, init_distributed, resolve_device
 from megalite.training.batch import make_micro_batch
 from megalite.training.build import build_model, check_step_schedule
 from megalite.training.forward_backward import get_forward_backward
 from megalite.training.precision import make_autocast, resolve_precision
-from megalite.training.stage import Stage
 
 
-class EvalStage(Stage):
+class EvalStage(TokenLoss):  # drives the schedules only: no data side, no optimizer
     """Token cross-entropy, plus each row's log-likelihood kept on the last stage (JSONL texts)."""
-
-    name = "eval"
 
     def __init__(self) -> None:
         self.row_nll: dict[int, float] = {}

@@ -28,6 +28,16 @@ class FP8Unavailable(RuntimeError):
     """FP8 (or a TE module) was requested where it cannot run; the message is one line."""
 
 
+def fp8_gpu(device: torch.device | str | None) -> tuple[tuple[int, int], str]:
+    """(compute capability, name) of the CUDA GPU an FP8 run would use; a one-line error without one.
+    Both FP8 backends (TE here, torchao in torchao_fp8.py) start their checks with it."""
+    dev = torch.device(device) if device is not None else None
+    if (dev is not None and dev.type != "cuda") or not torch.cuda.is_available():
+        raise FP8Unavailable("precision=fp8 needs a CUDA GPU (this run has none); use precision=bf16 or fp32")
+    index = dev.index if dev is not None and dev.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index)
+
+
 def te_pytorch() -> ModuleType:
     """`transformer_engine.pytorch`, or a one-line error if TE is not installed."""
     try:
@@ -52,14 +62,9 @@ def check_fp8(recipe: str, device: torch.device | str | None = None) -> None:
     if recipe not in RECIPES:
         raise FP8Unavailable(f"unknown fp8_recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     te = te_pytorch()
-    dev = torch.device(device) if device is not None else None
-    if (dev is not None and dev.type != "cuda") or not torch.cuda.is_available():
-        raise FP8Unavailable("precision=fp8 needs a CUDA GPU (this run has none); use precision=bf16 or fp32")
-    index = dev.index if dev is not None and dev.index is not None else torch.cuda.current_device()
-    cc = torch.cuda.get_device_capability(index)
+    cc, name = fp8_gpu(device)
     need = _MIN_CC[recipe]
     if cc < need:
-        name = torch.cuda.get_device_name(index)
         raise FP8Unavailable(f"fp8_recipe={recipe} needs compute capability {need[0]}.{need[1]}+, but "
                              f"{name} is {cc[0]}.{cc[1]}; use precision=bf16"
                              + (" or fp8_recipe=delayed|current" if recipe == "mxfp8" and cc >= (8, 9) else ""))

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from megalite.config import ConfigError
-from megalite.kernels.te import FP8Unavailable
+from megalite.kernels.te import FP8Unavailable, fp8_gpu
 
 RECIPES = ("tensorwise", "rowwise")
 # tensorwise runs cuBLAS's FP8 GEMM (Ada/Hopper+); the rowwise kernel torch ships is Hopper's.
@@ -64,14 +64,9 @@ def check_fp8(recipe: str, device: torch.device | str | None = None) -> None:
     """Everything the torchao path needs, checked before any work: recipe, torchao, GPU, capability."""
     check_recipe(recipe)
     torchao_float8()
-    dev = torch.device(device) if device is not None else None
-    if (dev is not None and dev.type != "cuda") or not torch.cuda.is_available():
-        raise FP8Unavailable("precision=fp8 needs a CUDA GPU (this run has none); use precision=bf16 or fp32")
-    index = dev.index if dev is not None and dev.index is not None else torch.cuda.current_device()
-    cc = torch.cuda.get_device_capability(index)
+    cc, name = fp8_gpu(device)
     need = _MIN_CC[recipe]
     if cc < need:
-        name = torch.cuda.get_device_name(index)
         alt = " or fp8_recipe=tensorwise" if recipe == "rowwise" and cc >= _MIN_CC["tensorwise"] else ""
         raise FP8Unavailable(f"fp8_backend=torchao fp8_recipe={recipe} needs compute capability "
                              f"{need[0]}.{need[1]}+, but {name} is {cc[0]}.{cc[1]}; use precision=bf16{alt}")

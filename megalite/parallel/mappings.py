@@ -107,17 +107,19 @@ class _ScatterSeq(torch.autograd.Function):
 
 
 class _GatherSeq(torch.autograd.Function):
-    """All-gather along the sequence. The consumer is TP-parallel, so each rank holds a partial
-    gradient of the full sequence: backward reduce-scatters it."""
+    """All-gather along the sequence. A TP-parallel consumer leaves each rank a partial gradient of
+    the full sequence, so backward reduce-scatters it; a consumer every rank runs identically (a
+    scalar head's loss) leaves each rank the full gradient already, so backward keeps the slice."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, group, replicated_consumer):
+        ctx.group, ctx.replicated = group, replicated_consumer
         return all_gather_dim0(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        return reduce_scatter_dim0(g, ctx.group), None
+        grad = _split_first(g, ctx.group) if ctx.replicated else reduce_scatter_dim0(g, ctx.group)
+        return grad, None, None
 
 
 class _ReduceScatterSeq(torch.autograd.Function):
@@ -129,20 +131,6 @@ class _ReduceScatterSeq(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return all_gather_dim0(g, ctx.group), None
-
-
-class _GatherSeqReplicated(torch.autograd.Function):
-    """All-gather along the sequence for a consumer that every TP rank runs identically (e.g. a
-    scalar head's loss): each rank's gradient is already the full one, so backward keeps the slice."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather_dim0(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _split_first(g, ctx.group), None
 
 
 def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -167,7 +155,7 @@ def scatter_to_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 def gather_from_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
     """All-gather the sequence; backward reduce-scatters."""
-    return x if group_size(group) == 1 else _GatherSeq.apply(x, group)
+    return x if group_size(group) == 1 else _GatherSeq.apply(x, group, False)
 
 
 def reduce_scatter_to_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -177,4 +165,4 @@ def reduce_scatter_to_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 def gather_from_sequence_replicated(x: torch.Tensor, group: Group) -> torch.Tensor:
     """All-gather the sequence for a TP-replicated consumer; backward keeps this rank's slice."""
-    return x if group_size(group) == 1 else _GatherSeqReplicated.apply(x, group)
+    return x if group_size(group) == 1 else _GatherSeq.apply(x, group, True)

@@ -15,30 +15,35 @@ megalite/alignment/.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from megalite.data import build_pretrain_datasets
 from megalite.data.sampler import get_micro_batch
 from megalite.parallel.pipeline.step import TokenLoss
-from megalite.training.batch import make_micro_batch
+from megalite.training.batch import batch_to_device, make_micro_batch
 
 if TYPE_CHECKING:
     from megalite.training.trainer import Trainer
 
 
-class Stage(TokenLoss):
-    """Token cross-entropy over `labels` by default; subclasses override what differs."""
+class Stage(TokenLoss, ABC):
+    """Token cross-entropy over `labels` by default; subclasses supply the data and override what
+    else differs."""
 
     name = "stage"
     perplexity = True  # the loss is a token cross-entropy: log exp(eval_loss) as eval_ppl
     evaluates_checkpoint = False  # train.train_steps=0 evaluates the loaded weights (megalite rm)
     pretrained_fresh: tuple[str, ...] = ()  # heads checkpoint.pretrained may lack (they keep their init)
 
-    def build_datasets(self, trainer: Trainer) -> tuple[Any, Any | None]:
-        raise NotImplementedError
+    @abstractmethod
+    def build_datasets(self, trainer: Trainer) -> tuple[Any, Any | None]: ...
 
-    def batches(self, trainer: Trainer, dataset: Any, consumed: int) -> list[dict]:
-        raise NotImplementedError
+    @abstractmethod
+    def batches(self, trainer: Trainer, dataset: Any, consumed: int) -> list[dict]: ...
 
     def loss_units(self, mb: dict) -> float:
         return float(mb["num_loss_tokens"])
@@ -54,6 +59,17 @@ class Stage(TokenLoss):
         return ""
 
 
+def sampled_batches(trainer: Trainer, dataset: Any, consumed: int,
+                    micro_batch: Callable[[Any, int, int, int, int, int], dict]) -> list[dict]:
+    """This DP rank's `trainer.num_micro` micro-batches of the step starting at `consumed` samples,
+    in the pretraining sampler's order: `micro_batch(dataset, consumed, i, mbs, dp_rank, dp)` builds
+    micro-batch i on the host, then its tensors go to the device."""
+    t, ps = trainer.cfg.train, trainer.ps
+    return [batch_to_device(micro_batch(dataset, consumed, i, t.micro_batch_size, ps.dp_rank, ps.dp),
+                            trainer.device)
+            for i in range(trainer.num_micro)]
+
+
 class PretrainStage(Stage):
     """Next-token prediction on packed token windows (documents separated by EOD)."""
 
@@ -67,7 +83,10 @@ class PretrainStage(Stage):
         return train, valid
 
     def batches(self, trainer: Trainer, dataset: Any, consumed: int) -> list[dict]:
-        d, t, ps = trainer.cfg.data, trainer.cfg.train, trainer.ps
-        return [make_micro_batch(get_micro_batch(dataset, consumed, i, t.micro_batch_size, ps.dp_rank, ps.dp),
-                                 trainer.tokenizer.eod, d.reset_at_eod, d.eod_mask_loss, trainer.device)
-                for i in range(trainer.num_micro)]
+        d = trainer.cfg.data
+
+        def window(*args) -> dict:  # built on the host; sampled_batches moves it
+            return make_micro_batch(get_micro_batch(*args), trainer.tokenizer.eod, d.reset_at_eod,
+                                    d.eod_mask_loss, torch.device("cpu"))
+
+        return sampled_batches(trainer, dataset, consumed, window)
